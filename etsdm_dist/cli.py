@@ -1,0 +1,76 @@
+"""The `etsdm` command: one entry point, each subcommand owned by the module of its data-flow step.
+
+Subcommand modules are imported lazily so `etsdm config` does not pay for importing DeepSpeed.
+Each module exposes `main(argv: list[str]) -> int`.
+"""
+from __future__ import annotations
+
+import importlib
+import runpy
+import sys
+from pathlib import Path
+
+SUBCOMMANDS = {
+    "config": ("etsdm_dist.cli", "config_main", "print the resolved config (YAML) after overrides"),
+    "toy": ("etsdm_dist.toy", "main", "reproduce the paper's claims on a Gaussian mixture (CPU)"),
+    "shard": ("etsdm_dist.shard_writer", "main", "turn images / idx files into webdataset shards"),
+    "verify": ("etsdm_dist.verify", "main", "check shards against their index.json"),
+    "train": ("etsdm_dist.training_loop", "main", "train (DeepSpeed; run under a launcher)"),
+    "export": ("etsdm_dist.export", "main", "write a run's EMA weights as one file"),
+    "bench": (None, None, "benchmarks: loader | train"),
+}
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def config_main(argv: list[str]) -> int:
+    import argparse
+
+    from etsdm_dist import config
+
+    p = argparse.ArgumentParser(prog="etsdm config", description="Print the resolved config.")
+    p.add_argument("config", nargs="?", help="YAML run file (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = p.parse_args(argv)
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path:  # only overrides were given
+        overrides.insert(0, path)
+        path = None
+    try:
+        cfg = config.load(path, overrides)
+    except config.ConfigError as e:
+        print(f"etsdm config: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(cfg.to_yaml())
+    return 0
+
+
+def bench_main(argv: list[str]) -> int:
+    names = sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
+    if not argv or argv[0] not in names:
+        print(f"usage: etsdm bench {{{'|'.join(names)}}} [options]", file=sys.stderr)
+        return 2
+    sys.argv = [f"etsdm bench {argv[0]}", *argv[1:]]
+    try:
+        runpy.run_path(str(BENCH_DIR / f"{argv[0]}.py"), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        print("usage: etsdm COMMAND [args]\n\ncommands:")
+        for name, (_, _, doc) in SUBCOMMANDS.items():
+            print(f"  {name:8s} {doc}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    name, rest = argv[0], argv[1:]
+    if name == "bench":
+        return bench_main(rest)
+    module, func, _ = SUBCOMMANDS[name]
+    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
