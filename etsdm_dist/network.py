@@ -411,20 +411,21 @@ def count_parameters(net: nn.Module, trainable_only: bool = False) -> int:
 
 
 def flops_per_image(net: UNet, resolution: int | None = None, in_channels: int | None = None) -> int:
-    """Forward FLOPs for one image (FlopCounterMode, counts matmul/conv/SDPA; a training step is ~3x).
+    """Forward FLOPs for one image (FlopCounterMode: matmul/conv/attention; a training step is ~3x).
 
-    Runs a batch-1 forward on the network's device; build the net on the meta device
-    (``with torch.device("meta"): net = build_network(...)``) to count without allocating."""
+    Counts on a fresh meta-device copy built from ``net.config`` (no allocation, and
+    SDPA decomposes to countable matmuls there; CPU fused attention is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = net.config
     res = resolution or cfg.resolution
     cin = in_channels or cfg.in_channels
-    p = next(net.parameters())
-    x = torch.zeros(1, cin, res, res, device=p.device, dtype=net.dtype)
-    t = torch.zeros(1, device=p.device)
-    y = torch.zeros(1, dtype=torch.long, device=p.device) if cfg.num_classes > 0 else None
+    with torch.device("meta"):
+        meta_net = UNet(dataclasses.replace(cfg, in_channels=cin, gradient_checkpointing=False))
+        x = torch.zeros(1, cin, res, res)
+        t = torch.zeros(1)
+        y = torch.zeros(1, dtype=torch.long) if cfg.num_classes > 0 else None
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        net(x, t, y)
+        meta_net(x, t, y)
     return int(counter.get_total_flops())

