@@ -1,4 +1,3 @@
-import time
 
 import pytest
 import torch
@@ -52,7 +51,7 @@ def test_exact_ddpm_param_counts():
         assert count_parameters(build_network("256")) == 113_673_219  # DDPM 256: 114M
 
 
-def test_tiny_forward_backward_zero_init_and_speed():
+def test_tiny_forward_backward_zero_init():
     net = _tiny()
     x, t = _inputs(8)
     out = net(x, t)
@@ -61,12 +60,8 @@ def test_tiny_forward_backward_zero_init_and_speed():
     for m in net.modules():
         if isinstance(m, ResBlock):
             assert torch.count_nonzero(m.conv2.weight) == 0
-    t0 = time.perf_counter()
     (net(x, t) - x).square().mean().backward()  # epsilon-matching loss
-    dt = time.perf_counter() - t0
-    print(f"\ntiny fwd+bwd batch 8: {dt:.3f}s")
     assert net.conv_out.weight.grad is not None and net.conv_out.weight.grad.abs().sum() > 0
-    assert dt < 3.0  # generous: machine is shared
 
 
 def test_determinism_same_seed():
