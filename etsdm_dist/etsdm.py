@@ -75,10 +75,11 @@ def _divisors(m: int) -> list:
 
 
 @functools.lru_cache(maxsize=64)
-def _boundaries64(t_tilde: float, n: int) -> torch.Tensor:
-    """b_0..b_n = i * t_tilde / n as float64, each the correctly rounded exact rational."""
+def _boundaries64(t_tilde: float, n: int, device: str) -> torch.Tensor:
+    """b_0..b_n = i * t_tilde / n as float64, each the correctly rounded exact rational.
+    Cached per device so GPU calls do not copy host-to-device each step (callers must not mutate)."""
     tt = Fraction(repr(float(t_tilde)))
-    return torch.tensor([float(tt * i / n) for i in range(n + 1)], dtype=torch.float64)
+    return torch.tensor([float(tt * i / n) for i in range(n + 1)], dtype=torch.float64, device=device)
 
 
 def condition_time(t: torch.Tensor, *, enabled: bool, t_tilde: float, n: int,
@@ -92,7 +93,7 @@ def condition_time(t: torch.Tensor, *, enabled: bool, t_tilde: float, n: int,
     t = torch.as_tensor(t)
     if not enabled or (time == "discrete" and int(n) == int(t_tilde)):
         return _as_fp32(t)
-    b64 = _boundaries64(float(t_tilde), int(n)).to(t.device)
+    b64 = _boundaries64(float(t_tilde), int(n), str(t.device))
     if t.dtype in (torch.float32, torch.float64):
         tc, bc = t, b64.to(t.dtype)
     elif t.is_floating_point():

@@ -39,8 +39,9 @@ def time_grid(schedule: Schedule, steps: int, kind: str = "uniform") -> torch.Te
     lo, hi = schedule.t_min, schedule.t_max
     k = torch.arange(steps + 1, dtype=torch.float64) / steps  # 0..1, ascending
     if kind == "logsnr":
-        l_hi, l_lo = (float(v) for v in schedule.log_snr(torch.tensor([lo, hi]), torch.float64))
-        ts = schedule.t_from_log_snr(l_lo + (l_hi - l_lo) * k)
+        # lambda is decreasing in t: k = 0 (t_min) is the largest lambda.
+        lam_at_min, lam_at_max = (float(v) for v in schedule.log_snr(torch.tensor([lo, hi], dtype=torch.float64), torch.float64))
+        ts = schedule.t_from_log_snr(lam_at_min + (lam_at_max - lam_at_min) * k)
     elif kind == "uniform":
         ts = lo + (hi - lo) * k
     else:
