@@ -1,0 +1,55 @@
+"""Shared fixtures: a real S3 server (SeaweedFS) for the session, fresh buckets, real image data."""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/s3server.py importable
+
+from s3server import SeaweedServer  # noqa: E402
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_bucket_ids = itertools.count()
+
+
+def _forget_filesystems() -> None:
+    from etsdm_dist import storage
+
+    storage.invalidate()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """One SeaweedFS server for the session; its AWS_* env vars are set in os.environ, so s3fs
+    in this process and any subprocess reach it through the standard credential chain."""
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs")).start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    _forget_filesystems()  # clients made before now would not know the endpoint
+    try:
+        yield server
+    finally:
+        server.stop()
+        _forget_filesystems()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3) -> str:
+    """A new, empty bucket: returns "s3://name"."""
+    return s3.make_bucket(f"t{os.getpid()}-{next(_bucket_ids)}")
+
+
+@pytest.fixture
+def fashion_mnist_dir() -> Path:
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"{FASHION_MNIST} missing (apt-get install dataset-fashion-mnist)")
+    return FASHION_MNIST
