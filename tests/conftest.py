@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/s3server.py im
 from s3server import SeaweedServer  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# Real photos extracted from the scikit-image wheel by tools/install.sh.
+PHOTOS = Path(sys.prefix) / "share" / "etsdm-photos"
 _bucket_ids = itertools.count()
 
 
@@ -53,3 +55,11 @@ def fashion_mnist_dir() -> Path:
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"{FASHION_MNIST} missing (apt-get install dataset-fashion-mnist)")
     return FASHION_MNIST
+
+
+@pytest.fixture(scope="session")
+def photos_dir() -> Path:
+    """A folder of real photos (astronaut, coffee, chelsea, ...), put there by tools/install.sh."""
+    if not (PHOTOS / "astronaut.png").exists():
+        pytest.fail(f"{PHOTOS} missing: run tools/install.sh")
+    return PHOTOS

