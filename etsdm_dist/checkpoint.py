@@ -1,0 +1,502 @@
+"""Checkpoints as transactions, on a local path or s3://, resumable under another world size.
+
+Layout under train.run_dir:
+    checkpoints/ckpt-{images:012d}/  DeepSpeed's files, ema.pt, manifest.json, COMMITTED
+    latest                           {"checkpoint": name, "images": n}; a hint, never trusted alone
+
+Save order (`save`, collective): every rank stages its own files in a private local dir, hashes
+them and publishes them (rename into place, or upload) -> barrier -> rank 0 writes manifest.json
+(size + sha256 of every file, world size, stage, precision, config, counters, RNG) -> COMMITTED
+(holding the manifest's sha256) -> `latest` -> retention. A crash at any point leaves either the
+previous committed checkpoint or the new one; `find_resume` never picks a partial one.
+
+Resume (`find_resume`, then `needs_universal` BEFORE build_engine, then `load`): same world size and
+ZeRO stage loads DeepSpeed's files directly; otherwise rank 0 of each host converts them into a
+universal checkpoint (deepspeed.checkpoint.ds_to_universal --inject_missing_state) in a local cache
+and DeepSpeed re-partitions on load (the engine must be built with load_universal=True).
+
+Unpickling: our files are loaded with weights_only=True. DeepSpeed 0.19.8 calls
+torch.load(weights_only=False) throughout its checkpoint code (TorchCheckpointEngine.load,
+ds_to_universal, universal_checkpoint, stage3). `weights_only_loads()` forces weights_only=True on
+every torch.load made while DeepSpeed loads or converts, allowing only four plain-data DeepSpeed
+types its files contain (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from etsdm_dist import storage
+from etsdm_dist.config import ConfigError
+
+CHECKPOINTS = "checkpoints"
+MARKER = "COMMITTED"
+MANIFEST = "manifest.json"
+EMA_FILE = "ema.pt"
+LATEST = "latest"
+FORMAT = 1
+_NAME = re.compile(r"^ckpt-(\d{12})$")
+
+
+def ckpt_name(images: int) -> str:
+    return f"ckpt-{int(images):012d}"
+
+
+def ckpt_images(name: str) -> int | None:
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _rank_world() -> tuple[int, int]:
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _rank_world()[1] > 1:
+        tdist.barrier()
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's `obj` (small, JSON-able: file lists, RNG states, host names)."""
+    if _rank_world()[1] == 1:
+        return [obj]
+    out: list[Any] = [None] * _rank_world()[1]
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def cache_root(cache_dir: str | None = None) -> str:
+    """Local scratch for staging uploads, downloads and universal conversions."""
+    root = cache_dir or os.environ.get("ETSDM_CACHE_DIR") or os.path.join(
+        tempfile.gettempdir(), f"etsdm-cache-{os.getuid()}")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def _sha256(path: str) -> str:
+    """Streaming sha256 of a local file or remote object."""
+    h = hashlib.sha256()
+    with (open(path, "rb") if not storage.is_remote(path) else storage.open_reader(path)) as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- RNG as plain data
+
+
+def capture_rng() -> dict:
+    """This process's RNG states as JSON-able data (hex strings / int lists, no pickles)."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    out = {
+        "torch": torch.get_rng_state().numpy().tobytes().hex(),
+        "numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": {"version": version, "state": list(mt), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state().numpy().tobytes().hex()
+    return out
+
+
+def restore_rng(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(torch.frombuffer(bytearray.fromhex(state["torch"]), dtype=torch.uint8))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray.fromhex(state["cuda"]), dtype=torch.uint8))
+
+
+# --------------------------------------------------------------------------- weights-only loading
+
+
+def _ds_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Within this block every torch.load (DeepSpeed's included) is weights_only=True."""
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(_ds_safe_globals()):
+            yield
+    finally:
+        torch.load = original
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _rmtree(path: str) -> None:
+    """Delete a checkpoint dir; the marker goes first so a half-deleted one is never 'committed'."""
+    marker = storage.join(path, MARKER)
+    if storage.exists(marker):
+        storage.remove(marker)
+    if storage.exists(path):
+        storage.remove(path, recursive=True)
+
+
+def save(engine, ema, cfg, *, images: int, loader_cursor: Any = None, stats: Any = None,
+         cache_dir: str | None = None) -> str:
+    """Write checkpoint `ckpt-{images}` under cfg.train.run_dir (collective: all ranks call).
+
+    `loader_cursor`, `stats`: JSON-able loop state returned by `load`. This rank's RNG states are
+    captured here. Returns the checkpoint path once committed (and `latest` updated).
+    """
+    run_dir = cfg.train.run_dir
+    rank, world = _rank_world()
+    name = ckpt_name(images)
+    final = storage.join(run_dir, CHECKPOINTS, name)
+    remote = storage.is_remote(run_dir)
+
+    # A dir with this name is a leftover: a crashed save, or a timeline abandoned by a resume.
+    if rank == 0:
+        _rmtree(final)
+        storage.makedirs(final)
+    ema_state = ema.state_dict()  # collective: before any rank-0-only work
+    _barrier()
+
+    stage_parent = (tempfile.mkdtemp(prefix=f"stage-{name}-r{rank}-", dir=cache_root(cache_dir))
+                    if remote else os.path.join(final, f".stage-rank{rank}"))
+    os.makedirs(stage_parent, exist_ok=True)
+    stage = os.path.join(stage_parent, name)
+    try:
+        # DeepSpeed writes this rank's files only (and its recovery scripts beside the tag dir,
+        # which we do not publish). save_latest=False: its `latest` is a non-atomic plain write.
+        engine.save_checkpoint(stage_parent, tag=name, save_latest=False)
+        os.makedirs(stage, exist_ok=True)
+        if rank == 0:
+            torch.save(ema_state, os.path.join(stage, EMA_FILE))
+        files = {}
+        for fname in sorted(os.listdir(stage)):
+            src = os.path.join(stage, fname)
+            if not os.path.isfile(src):
+                raise RuntimeError(f"unexpected directory {src} in DeepSpeed's checkpoint output")
+            files[fname] = {"size": os.path.getsize(src), "sha256": _sha256(src)}
+            if remote:
+                storage.upload_file(src, storage.join(final, fname))
+            else:
+                os.replace(src, os.path.join(final, fname))
+    finally:
+        shutil.rmtree(stage_parent, ignore_errors=True)
+
+    per_rank = _gather({"files": files, "rng": capture_rng()})
+    _barrier()  # every rank's files are in place (uploads confirmed) before anything commits
+
+    if rank == 0:
+        all_files: dict[str, dict] = {}
+        for r, entry in enumerate(per_rank):
+            for fname, meta in entry["files"].items():
+                if fname in all_files:
+                    raise RuntimeError(f"checkpoint {final}: {fname} written by two ranks")
+                all_files[fname] = meta
+        manifest = {
+            "format": FORMAT,
+            "name": name,
+            "images": int(images),
+            "world_size": world,
+            "zero_stage": cfg.train.zero_stage,
+            "precision": cfg.train.precision,
+            "config": cfg.to_dict(),
+            "loader_cursor": loader_cursor,
+            "stats": stats,
+            "rng": [entry["rng"] for entry in per_rank],
+            "files": all_files,
+            "versions": {"torch": torch.__version__, "deepspeed": _ds_version()},
+            "created_unix": time.time(),
+        }
+        data = (json.dumps(manifest, indent=1) + "\n").encode()
+        storage.write_bytes_atomic(storage.join(final, MANIFEST), data)
+        storage.write_json_atomic(storage.join(final, MARKER),
+                                  {"manifest_sha256": hashlib.sha256(data).hexdigest()})
+        storage.write_json_atomic(storage.join(run_dir, LATEST), {"checkpoint": name, "images": int(images)})
+        apply_retention(run_dir, int(images), cfg.train.keep_last, cfg.train.milestone_every,
+                        round(cfg.train.checkpoint_kimg * 1000))
+    _barrier()
+    return final
+
+
+def _ds_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def retained(images: list[int], keep_last: int, milestone_every: int, checkpoint_images: int) -> set[int]:
+    """Which committed checkpoints (by image counter) to keep: the newest `keep_last`, plus every
+    `milestone_every`-th regular checkpoint (index = images / checkpoint_images; off-grid ones such
+    as preemption saves are never milestones)."""
+    keep = set(sorted(images)[-keep_last:]) if keep_last > 0 else set()
+    if milestone_every > 0 and checkpoint_images > 0:
+        keep |= {i for i in images if i % (milestone_every * checkpoint_images) == 0}
+    return keep
+
+
+def apply_retention(run_dir: str, newest: int, keep_last: int, milestone_every: int,
+                    checkpoint_images: int) -> list[str]:
+    """Delete checkpoints outside `retained`; run after `newest` is committed. Partial dirs older
+    than it are crash leftovers, and any dir newer than it belongs to a timeline a resume
+    abandoned: both go too. Returns the deleted names."""
+    root = storage.join(run_dir, CHECKPOINTS)
+    committed, victims = [], []
+    for name in storage.listdir(root):
+        n = ckpt_images(name)
+        if n is None:
+            continue
+        path = storage.join(root, name)
+        if storage.exists(storage.join(path, MARKER)):
+            (victims.append(name) if n > newest else committed.append(n))
+        elif n != newest and not _is_gone(path):
+            victims.append(name)
+    keep = retained(committed, keep_last, milestone_every, checkpoint_images) | {newest}
+    victims += [ckpt_name(n) for n in committed if n not in keep]
+    for name in sorted(victims):
+        _rmtree(storage.join(root, name))
+    return sorted(victims)
+
+
+# --------------------------------------------------------------------------- find
+
+
+def _sizes(path: str) -> dict[str, int]:
+    """File name -> size in one listing (local dir or remote prefix)."""
+    if not storage.is_remote(path):
+        return {e.name: e.stat().st_size for e in os.scandir(path) if e.is_file()}
+    fs_of = getattr(storage, "_fs", None)
+    if fs_of is None:
+        return {n: storage.size(storage.join(path, n)) for n in storage.listdir(path)}
+    fs, p = fs_of(path)
+    p = p.rstrip("/")
+    # An emptied prefix can list itself (SeaweedFS keeps directory entries): not a file in it.
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in fs.ls(p, detail=True)
+            if e.get("type") != "directory" and e["name"].rstrip("/") != p}
+
+
+def _is_gone(path: str) -> bool:
+    """No files left: a deleted checkpoint. Object stores with real directories (SeaweedFS's
+    filer) keep listing the empty prefix after every object under it was removed."""
+    try:
+        return not _sizes(path)
+    except FileNotFoundError:
+        return True
+
+
+def verify(path: str, *, sha256: bool = False) -> tuple[dict | None, str | None]:
+    """(manifest, None) if `path` is a committed, intact checkpoint, else (None, reason)."""
+    try:
+        marker = storage.join(path, MARKER)
+        if not storage.exists(marker):
+            return None, "no COMMITTED marker (save did not finish)"
+        data = storage.read_bytes(storage.join(path, MANIFEST))
+        if storage.read_json(marker).get("manifest_sha256") != hashlib.sha256(data).hexdigest():
+            return None, "manifest.json does not match the sha256 recorded in COMMITTED"
+        manifest = json.loads(data)
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if manifest.get("format") != FORMAT or manifest.get("name") != name:
+            return None, f"manifest format/name mismatch ({manifest.get('format')}, {manifest.get('name')})"
+        sizes = _sizes(path)
+        for fname, meta in manifest["files"].items():
+            if fname not in sizes:
+                return None, f"{fname} is missing"
+            if sizes[fname] != meta["size"]:
+                return None, f"{fname} has {sizes[fname]} bytes, manifest says {meta['size']}"
+            if sha256 and _sha256(storage.join(path, fname)) != meta["sha256"]:
+                return None, f"{fname} sha256 differs from the manifest"
+        return manifest, None
+    except Exception as e:  # unreadable JSON, storage errors: the checkpoint is not usable
+        return None, f"unreadable: {type(e).__name__}: {e}"
+
+
+def find_resume(run_dir: str, *, sha256: bool = False
+                ) -> tuple[tuple[str, dict] | None, list[tuple[str, str]]]:
+    """((path, manifest) of the newest intact committed checkpoint or None, ignored) where
+    `ignored` lists (path, reason) for every newer checkpoint dir that was skipped, for the loop
+    to log. `latest` is only cross-checked: a partial or corrupt target is reported, never used.
+    No collectives: call it on rank 0 and broadcast, or on every rank."""
+    root = storage.join(run_dir, CHECKPOINTS)
+    ignored: list[tuple[str, str]] = []
+    try:
+        names = sorted((n for n in storage.listdir(root) if ckpt_images(n) is not None),
+                       key=ckpt_images, reverse=True)
+    except FileNotFoundError:
+        names = []
+    latest = None
+    try:
+        latest = storage.read_json(storage.join(run_dir, LATEST)).get("checkpoint")
+    except Exception:
+        pass
+    found = None
+    for name in names:
+        path = storage.join(root, name)
+        manifest, reason = verify(path, sha256=sha256)
+        if manifest is not None:
+            found = (path, manifest)
+            break
+        if name != latest and _is_gone(path):
+            continue
+        if name == latest:
+            reason = f"`latest` points here, but {reason}; fell back to an older checkpoint"
+        ignored.append((path, reason))
+    if latest and latest not in names:
+        ignored.append((storage.join(root, latest), "`latest` points at a checkpoint that does not exist"))
+    return found, ignored
+
+
+# --------------------------------------------------------------------------- load
+
+
+def needs_universal(manifest: dict, cfg, world_size: int) -> bool:
+    """Whether resuming from `manifest` needs DeepSpeed's universal checkpoint path: its world
+    size or precision (file layout) differs from this run, or its ZeRO stage does (1 <-> 2).
+    Call BEFORE build_engine and pass the answer as build_engine(..., load_universal=...).
+
+    Raises ConfigError for what DeepSpeed 0.19.8 cannot convert: ZeRO-0 keeps the whole
+    optimizer state in one file that any world size loads directly (stage 0 -> 0 needs nothing),
+    but it has no ZeRO shards to convert into another stage; and ZeRO-3's universal files (raw
+    flat tensors, no per-param `step`, no ds_version) are not what the ZeRO-1/2 loader reads.
+    """
+    src, dst = int(manifest["zero_stage"]), int(cfg.train.zero_stage)
+    if src != dst and (0 in (src, dst) or 3 in (src, dst)):
+        raise ConfigError(
+            f"train.zero_stage={dst}: this run's checkpoint {manifest['name']} was written under "
+            f"ZeRO-{src}, and DeepSpeed {_ds_version()} cannot convert between ZeRO-{src} and "
+            f"ZeRO-{dst} (only 1 <-> 2, or any world size within one stage); resume with "
+            f"train.zero_stage={src}")
+    if src == 0 and dst == 0 and manifest["precision"] == cfg.train.precision:
+        return False  # one model-states file holds everything; DeepSpeed loads it at any world size
+    return (int(manifest["world_size"]) != int(world_size) or src != dst
+            or manifest["precision"] != cfg.train.precision)
+
+
+def _host_leader() -> bool:
+    """Whether this rank is the lowest rank on its host (it fills the host's local cache)."""
+    rank, _ = _rank_world()
+    hosts = _gather(socket.gethostname())
+    return hosts.index(hosts[rank]) == rank
+
+
+def _localize(path: str, manifest: dict, cache: str, leader: bool) -> str:
+    """A local dir with the checkpoint's files (downloaded and sha256-checked when remote)."""
+    if not storage.is_remote(path):
+        return path
+    name = manifest["name"]
+    local = os.path.join(cache, "download", name)
+    if leader:
+        shutil.rmtree(local, ignore_errors=True)
+        for fname, meta in manifest["files"].items():
+            dst = os.path.join(local, fname)
+            storage.download_file(storage.join(path, fname), dst)
+            if _sha256(dst) != meta["sha256"]:
+                raise RuntimeError(f"{storage.join(path, fname)}: sha256 differs from the manifest "
+                                   f"(corrupt upload?); delete the checkpoint dir to resume from an older one")
+    _barrier()
+    return local
+
+
+def _convert_universal(src: str, dst: str) -> None:
+    """ds_to_universal, in-process and single-worker (no process pool), into dst atomically."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = f"{dst}.tmp-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    args = Namespace(input_folder=src, output_folder=tmp, num_extract_workers=1, num_merge_workers=1,
+                     keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with weights_only_loads():
+        ds_to_universal(args)
+    try:
+        os.rename(tmp, dst)
+    except OSError:  # another host converted into a shared cache first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load(engine, ema, path: str, manifest: dict, cfg, world_size: int, *,
+         cache_dir: str | None = None) -> dict:
+    """Restore engine (weights, optimizer, step counters), EMA and RNG from a verified checkpoint
+    (collective). Returns the loop state:
+    {"images", "loader_cursor", "stats", "rng_restored", "universal", "skipped_steps"}.
+    RNG states are restored only at the same world size (each rank gets its own back)."""
+    rank, _ = _rank_world()
+    universal = needs_universal(manifest, cfg, world_size)
+    if universal != bool(engine.load_universal_checkpoint()):
+        raise RuntimeError(
+            f"the engine was built with load_universal={not universal}, but this checkpoint "
+            f"(world size {manifest['world_size']}, ZeRO-{manifest['zero_stage']}, "
+            f"{manifest['precision']}) needs load_universal={universal}: call "
+            f"checkpoint.needs_universal() before build_engine")
+    cache = os.path.join(cache_root(cache_dir), f"load-{manifest['name']}")
+    leader = _host_leader()
+    local = _localize(path, manifest, cache, leader)
+    name = manifest["name"]
+    try:
+        if universal:
+            uni_parent = os.path.join(cache, "universal")
+            if leader and not os.path.isdir(os.path.join(uni_parent, name)):
+                os.makedirs(uni_parent, exist_ok=True)
+                _convert_universal(local, os.path.join(uni_parent, name))
+            _barrier()
+            load_dir = uni_parent
+        else:
+            load_dir = os.path.dirname(local.rstrip("/"))
+        with weights_only_loads():
+            loaded, _ = engine.load_checkpoint(load_dir, tag=name, load_module_strict=True,
+                                               load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+        ema.load_state_dict(torch.load(os.path.join(local, EMA_FILE), map_location="cpu",
+                                       weights_only=True))
+    finally:
+        _barrier()
+        if leader:
+            shutil.rmtree(cache, ignore_errors=True)
+    same_world = int(manifest["world_size"]) == int(world_size)
+    if same_world:
+        restore_rng(manifest["rng"][rank])
+    return {
+        "images": int(manifest["images"]),
+        "loader_cursor": manifest.get("loader_cursor"),
+        "stats": manifest.get("stats"),
+        "rng_restored": same_world,
+        "universal": universal,
+        "skipped_steps": int(engine.skipped_steps),
+    }

@@ -1,0 +1,121 @@
+"""`etsdm export RUN`: a run's EMA weights as ONE file that loads without DeepSpeed.
+
+Reads the newest committed checkpoint of RUN (local or s3://), takes ema.pt (already a
+consolidated fp32 {name: tensor} per decay, world-size independent) and writes one EMA with the
+model config embedded: the network section plus diffusion and etsdm settings, so a sampler can
+rebuild the exact network and time map from the file alone.
+
+    safetensors (default): tensors + metadata {"etsdm": JSON string}
+    pt:                    torch.save({"state_dict": ..., "config": ...}), plain data only
+
+`load_exported(path) -> (state_dict, config_dict)` reads either (weights_only, no DeepSpeed).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+from etsdm_dist import storage
+
+EXPORT_FORMAT = "etsdm-export-1"
+META_KEY = "etsdm"
+
+
+def _read_ema(ckpt_path: str, manifest: dict) -> dict:
+    """ema.pt of a verified checkpoint, sha256-checked against its manifest, weights_only."""
+    from etsdm_dist.checkpoint import EMA_FILE, _sha256
+
+    with tempfile.TemporaryDirectory(prefix="etsdm-export-") as tmp:
+        local = os.path.join(tmp, EMA_FILE)
+        storage.download_file(storage.join(ckpt_path, EMA_FILE), local)
+        if _sha256(local) != manifest["files"][EMA_FILE]["sha256"]:
+            raise RuntimeError(f"{storage.join(ckpt_path, EMA_FILE)}: sha256 differs from the manifest")
+        return torch.load(local, map_location="cpu", weights_only=True)
+
+
+def export(run_dir: str, out: str | None = None, *, ema_index: int = 0, fmt: str | None = None) -> str:
+    """Write the EMA `ema_index` of RUN's newest committed checkpoint; returns the output path."""
+    from etsdm_dist.checkpoint import find_resume
+
+    found, ignored = find_resume(run_dir)
+    for path, reason in ignored:
+        print(f"etsdm export: skipped {path}: {reason}", file=sys.stderr)
+    if found is None:
+        raise FileNotFoundError(f"{run_dir}: no committed checkpoint to export")
+    ckpt_path, manifest = found
+    ema = _read_ema(ckpt_path, manifest)
+    decays = ema["decays"]
+    if not 0 <= ema_index < len(decays):
+        raise IndexError(f"--ema-index {ema_index} out of range: the run has EMA decays {decays}")
+    state = dict(ema["ema"][ema_index])
+    state.update(ema.get("buffers", {}))
+    run_cfg = manifest["config"]
+    config = {
+        "format": EXPORT_FORMAT,
+        "network": run_cfg["network"],
+        "diffusion": run_cfg["diffusion"],
+        "etsdm": run_cfg["etsdm"],
+        "ema": {"index": ema_index, "decay": decays[ema_index]},
+        "images": manifest["images"],
+        "source": ckpt_path,
+    }
+    if fmt is None:
+        fmt = "pt" if out and out.endswith((".pt", ".pth")) else "safetensors"
+    if out is None:
+        out = storage.join(run_dir, "export",
+                           f"{manifest['name']}-ema{decays[ema_index]:g}.{'pt' if fmt == 'pt' else 'safetensors'}")
+    storage.write_bytes_atomic(out, _serialize(state, config, fmt))
+    return out
+
+
+def _serialize(state: dict[str, torch.Tensor], config: dict, fmt: str) -> bytes:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        return save(tensors, metadata={META_KEY: json.dumps(config)})
+    if fmt == "pt":
+        buf = io.BytesIO()
+        torch.save({"state_dict": tensors, "config": config}, buf)
+        return buf.getvalue()
+    raise ValueError(f"unknown export format {fmt!r}: choose safetensors or pt")
+
+
+def load_exported(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, config) from an exported file, local or remote; never unpickles objects."""
+    data = storage.read_bytes(path)
+    if data[:2] == b"PK":  # torch.save's zip container
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return obj["state_dict"], obj["config"]
+    from safetensors import safe_open
+
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(data)
+        f.flush()
+        with safe_open(f.name, framework="pt") as st:
+            config = json.loads((st.metadata() or {})[META_KEY])
+            tensors = {k: st.get_tensor(k) for k in st.keys()}
+    return tensors, config
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="etsdm export", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="run dir (local path or s3://...)")
+    p.add_argument("--ema-index", type=int, default=0, help="which of train.ema_decays (default 0)")
+    p.add_argument("--out", default=None, help="output file (default RUN/export/<ckpt>-ema<decay>.<ext>)")
+    p.add_argument("--format", choices=("safetensors", "pt"), default=None,
+                   help="default: from --out's extension, else safetensors")
+    args = p.parse_args(argv)
+    try:
+        out = export(args.run, args.out, ema_index=args.ema_index, fmt=args.format)
+    except (FileNotFoundError, IndexError, RuntimeError, ValueError) as e:
+        print(f"etsdm export: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
