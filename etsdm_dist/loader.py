@@ -1,0 +1,532 @@
+"""Shard bytes -> uint8 image batches, in the global order of shards.py, resumable from one cursor.
+
+Each rank reads only its own samples: shards.py turns a micro-batch's positions into a few
+contiguous runs inside shards, and each run is ONE byte-range read [offsets[first],
+offsets[first+count]) of the shard (an HTTP range request on s3:// or http://, a seek locally),
+using the per-sample offsets of index.json. So there is no W-fold read amplification, and a
+resume starts at the exact sample without reading or decoding anything before it. This is why
+the loader does not use webdataset's sequential tar iteration (the shards stay plain webdataset
+tars, readable by it; registering its s3:// opener is storage.py's business).
+
+Batches are dicts: `images` uint8 [b,C,H,W] (channels_last memory), `labels` int64 [b] (-1 without .cls), `positions`
+int64 [b] (global positions), `valid` bool [b] (False: a sample of a bad shard, zeros, mask it
+out of the loss), `errors` (shards newly failed in this batch, with sample counts). Under
+on_error=skip every rank still yields the same number of same-shaped batches, so the ranks stay
+in lock-step. Conversion to float happens on the GPU (`to_model_input`): 4x less traffic.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import queue as queue_mod
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from etsdm_dist import shards as S
+from etsdm_dist import storage
+
+from etsdm_dist.tarformat import key_at, parse_sample_members, sample_from_members, split_name
+
+INDEX_FORMAT = "etsdm-shards/1"
+IMAGE_EXTS = ("png", "jpg", "jpeg")
+
+
+class ShardIndexError(ValueError):
+    """index.json is missing or malformed; the message names the URL and the field."""
+
+
+class ShardDataError(OSError):
+    """A shard could not be read or decoded (on_error=raise); names the shard URL and sample key."""
+
+
+class DataBudgetExceeded(RuntimeError):
+    """More distinct bad shards than data.skip_budget; names them."""
+
+
+# --------------------------------------------------------------------------- index
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    samples: int
+    bytes: int
+    offsets: tuple[int, ...]
+    first_key: str | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    url: str  # the folder holding index.json and the shards
+    shards: tuple[ShardInfo, ...]
+    total_samples: int
+    resolution: tuple[int, int] | None
+    channels: int
+    image_format: str
+    label_map: dict | None
+    num_classes: int | None
+    fingerprint: Any = None
+
+    @property
+    def shard_samples(self) -> list[int]:
+        return [s.samples for s in self.shards]
+
+    def shard_url(self, i: int) -> str:
+        return storage.join(self.url, self.shards[i].name)
+
+
+def _field(d: dict, key: str, types, where: str, url: str):
+    if key not in d:
+        raise ShardIndexError(f"{url}: {where}: missing field {key!r}")
+    v = d[key]
+    if not isinstance(v, types) or (isinstance(v, bool) and types is int):
+        raise ShardIndexError(f"{url}: {where}{key}: expected {types}, got {v!r:.80}")
+    return v
+
+
+def parse_index(raw: dict, url: str) -> ShardIndex:
+    """Validate an index.json document; every error names the URL and the field."""
+    where = "index.json "
+    index_url = storage.join(url, "index.json")
+    if not isinstance(raw, dict):
+        raise ShardIndexError(f"{index_url}: expected a JSON object")
+    fmt = raw.get("format")
+    if fmt != INDEX_FORMAT:
+        raise ShardIndexError(f"{index_url}: field 'format' is {fmt!r}, expected {INDEX_FORMAT!r} "
+                          f"(rewrite the shards with `etsdm shard`)")
+    shards = []
+    for i, s in enumerate(_field(raw, "shards", list, where, index_url)):
+        w = f"shards[{i}]."
+        if not isinstance(s, dict):
+            raise ShardIndexError(f"{index_url}: {w[:-1]}: expected an object")
+        name = _field(s, "name", str, w, index_url)
+        n = _field(s, "samples", int, w, index_url)
+        size = _field(s, "bytes", int, w, index_url)
+        offs = _field(s, "offsets", list, w, index_url)
+        if n < 0 or len(offs) != n + 1:
+            raise ShardIndexError(f"{index_url}: {w}offsets: expected samples+1 = {n + 1} entries, got {len(offs)}")
+        if any(not isinstance(o, int) for o in offs) or any(b <= a for a, b in zip(offs, offs[1:])) \
+                or (offs and (offs[0] < 0 or offs[-1] > size)):
+            raise ShardIndexError(f"{index_url}: {w}offsets: must be increasing integers within [0, bytes={size}]")
+        if "/" in name or name in ("", ".", ".."):
+            raise ShardIndexError(f"{index_url}: {w}name: {name!r} is not a plain file name")
+        shards.append(ShardInfo(name, n, size, tuple(offs), s.get("first_key"), s.get("sha256")))
+    if not shards:
+        raise ShardIndexError(f"{index_url}: field 'shards' is empty")
+    total = _field(raw, "total_samples", int, where, index_url)
+    if total != sum(s.samples for s in shards) or total <= 0:
+        raise ShardIndexError(f"{index_url}: field 'total_samples' = {total} but the shards hold "
+                          f"{sum(s.samples for s in shards)}")
+    channels = _field(raw, "channels", int, where, index_url)
+    if channels not in (1, 3):
+        raise ShardIndexError(f"{index_url}: field 'channels' must be 1 or 3, got {channels}")
+    image_format = _field(raw, "image_format", str, where, index_url)
+    if image_format not in IMAGE_EXTS:
+        raise ShardIndexError(f"{index_url}: field 'image_format' must be png or jpg, got {image_format!r}")
+    res = raw.get("resolution")
+    if res is not None:
+        if not (isinstance(res, list) and len(res) == 2 and all(isinstance(x, int) and x > 0 for x in res)):
+            raise ShardIndexError(f"{index_url}: field 'resolution' must be [H, W] or null, got {res!r}")
+        res = (res[0], res[1])
+    return ShardIndex(url=url.rstrip("/"), shards=tuple(shards), total_samples=total, resolution=res,
+                      channels=channels, image_format=image_format, label_map=raw.get("label_map"),
+                      num_classes=raw.get("num_classes"), fingerprint=raw.get("fingerprint"))
+
+
+def load_index(url: str) -> ShardIndex:
+    """Read and validate URL/index.json (URL: the shard folder, local or s3:// / http(s)://)."""
+    url = url.rstrip("/")
+    if url.endswith("index.json"):
+        url = url[: -len("index.json")].rstrip("/")
+    index_url = storage.join(url, "index.json")
+    try:
+        raw = storage.read_json(index_url)
+    except FileNotFoundError as e:
+        raise ShardIndexError(f"no shard index at {index_url}: write the shards there with "
+                          f"`etsdm shard SRC {url}` (data.url must name the shard folder)") from e
+    except json.JSONDecodeError as e:
+        raise ShardIndexError(f"{index_url}: not valid JSON ({e})") from e
+    return parse_index(raw, url)
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def decode_image(data: bytes, channels: int, formats: Sequence[str] | None = None) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 array [H, W, C] (one decode, one copy out of Pillow)."""
+    with Image.open(io.BytesIO(data), formats=formats) as img:
+        mode = "L" if channels == 1 else "RGB"
+        if img.mode != mode:
+            img = img.convert(mode)
+        arr = np.asarray(img)
+    return arr if arr.ndim == 3 else arr[:, :, None]
+
+
+def to_model_input(images: torch.Tensor, device: torch.device | str | None = None,
+                   dtype: torch.dtype = torch.float32,
+                   memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> float in [-1, 1] on `device`, in `memory_format`.
+
+    The uint8 batch crosses to the device first (4x less traffic than float32); the loader's
+    channels_last layout becomes `memory_format` there, fused with the conversion.
+    """
+    x = images.to(device, non_blocking=True) if device is not None else images
+    out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=memory_format)
+    return out.copy_(x).div_(127.5).sub_(1.0)
+
+
+def _tar_member_name(header: bytes) -> str:
+    """The member name in one 512-byte ustar header (for error messages only)."""
+    name = header[0:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+    return (prefix + b"/" + name if prefix else name).decode("utf-8", "replace")
+
+
+def _split_key(member: str) -> str:
+    try:
+        return split_name(member)[0]
+    except ValueError:
+        return member
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class _ReadAhead:
+    """A few daemon threads running range reads. Daemon, unlike ThreadPoolExecutor's: a read
+    still retrying against a dead server must not hold up interpreter exit."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._jobs: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
+        for i in range(threads):
+            threading.Thread(target=self._run, name=f"etsdm-read-{i}", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fut, fn, args = job
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                    fut.set_exception(e)
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        self._jobs.put((fut, fn, args))
+        return fut
+
+    def close(self) -> None:
+        for _ in range(self.threads):
+            self._jobs.put(None)
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """One rank's micro-batches, forever; dataloader worker w of K makes those with j % K == w."""
+
+    def __init__(self, index: ShardIndex, *, seed: int, start_position: int, batch_images: int,
+                 world_size: int, rank: int, micro_batch_images: int, hflip: bool = False,
+                 on_error: str = "raise", retries: int = 8, retry_backoff_s: float = 0.5,
+                 use_labels: bool = False, decode: bool = True, read_ahead: int = 2):
+        super().__init__()
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be raise or skip, got {on_error!r}")
+        S.check_batch_geometry(batch_images, world_size, micro_batch_images)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if start_position < 0:
+            raise ValueError(f"start_position must be >= 0, got {start_position}")
+        self.index = index
+        self.seed, self.start = int(seed), int(start_position)
+        self.B, self.W, self.r, self.b = batch_images, world_size, rank, micro_batch_images
+        self.hflip, self.on_error, self.use_labels, self.decode = hflip, on_error, use_labels, decode
+        self.retries, self.backoff_s, self.read_ahead = retries, retry_backoff_s, read_ahead
+        ext = index.image_format.lower()
+        self._formats = ["JPEG"] if ext in ("jpg", "jpeg") else ["PNG"]
+        self._shape: tuple[int, int, int] | None = (
+            (index.channels, *index.resolution) if index.resolution else None)
+
+    # -- iteration
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        w, k = (0, 1) if info is None else (info.id, info.num_workers)
+        plan = S.ShardPlan(self.index.shard_samples, self.seed)
+        # Read-ahead: the range reads of the next `read_ahead` micro-batches are in flight (in
+        # threads: sockets and Pillow release the GIL) while this one is parsed and decoded.
+        # Object stores give bandwidth to concurrent requests, not to one long stream.
+        ahead = _ReadAhead(max(1, self.read_ahead))
+        try:
+            queue: collections.deque = collections.deque()
+            for j in S.worker_micro_batches(w, k):
+                queue.append((j, ahead.submit(self._fetch, plan, j)))
+                if len(queue) > ahead.threads:
+                    j0, fut = queue.popleft()
+                    yield self._assemble(plan, j0, fut.result())
+        finally:
+            ahead.close()
+
+    def micro_batch(self, plan: S.ShardPlan, j: int) -> dict:
+        """Rank micro-batch j, read and decoded now (no read-ahead)."""
+        return self._assemble(plan, j, self._fetch(plan, j))
+
+    def _positions(self, j: int) -> range:
+        return S.rank_micro_batch_positions(self.start, j, self.B, self.W, self.r, self.b)
+
+    def _fetch(self, plan: S.ShardPlan, j: int) -> list[tuple[S.Span, bytes | OSError]]:
+        """The I/O of micro-batch j: one range read per span (errors kept, handled later)."""
+        out = []
+        for sp in plan.spans(self._positions(j)):
+            offs = self.index.shards[sp.shard].offsets
+            try:
+                out.append((sp, self._read(self.index.shard_url(sp.shard), offs[sp.first],
+                                           offs[sp.first + sp.count])))
+            except OSError as e:
+                out.append((sp, e))
+        return out
+
+    def _assemble(self, plan: S.ShardPlan, j: int, fetched) -> dict:
+        positions = self._positions(j)
+        n = len(positions)
+        labels = [-1] * n  # Python lists: per-element tensor writes cost microseconds each
+        valid = [True] * n
+        keys: list[str] = [""] * n
+        encoded: list = [b""] * n
+        errors: dict[str, int] = {}
+        images = pixels = None
+        if self.decode:
+            c, h, w = self._shape or self._probe_shape(plan)
+            # [n,C,H,W] in channels_last memory: decoded HWC pixels land with one plain memcpy;
+            # to_model_input makes it contiguous NCHW on the GPU, where that transpose is free.
+            nhwc = torch.empty((n, h, w, c), dtype=torch.uint8)  # every slot is written below
+            images, pixels = nhwc.permute(0, 3, 1, 2), nhwc.numpy()
+        for sp, got in fetched:
+            at = sp.position - positions.start
+            for i, key, members, err in self._samples(sp, got):
+                slot = at + i
+                keys[slot] = key
+                if err is None:
+                    try:
+                        self._fill(slot, sp.position + i, members, pixels, labels, encoded)
+                    except Exception as e:  # noqa: BLE001 - any decode failure is a bad sample
+                        err = f"{type(e).__name__}: {e}"
+                if err is not None:
+                    url = self.index.shard_url(sp.shard)
+                    if self.on_error == "raise":
+                        first = self.index.shards[sp.shard].first_key
+                        what = (f"key {key}" if key else
+                                f"key unknown; the shard's first key is {first}" if first else "key unknown")
+                        raise ShardDataError(f"shard {url}: sample {sp.first + i} ({what}): {err}")
+                    valid[slot] = False
+                    labels[slot] = -1
+                    if pixels is not None:
+                        pixels[slot] = 0
+                    encoded[slot] = b""
+                    name = self.index.shards[sp.shard].name
+                    errors[name] = errors.get(name, 0) + 1
+        out = {"positions": torch.arange(positions.start, positions.stop, dtype=torch.int64),
+               "labels": torch.tensor(labels, dtype=torch.int64),
+               "valid": torch.tensor(valid, dtype=torch.bool), "keys": keys, "micro_batch": j,
+               "errors": sorted(errors.items())}
+        if images is not None:
+            out["images"] = images
+        else:  # encoded bytes packed in one tensor: crosses from a worker by shared memory
+            offsets = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum([len(x) for x in encoded], out=offsets[1:])
+            packed = torch.empty(int(offsets[-1]), dtype=torch.uint8)
+            flat = packed.numpy()
+            for i, x in enumerate(encoded):
+                flat[offsets[i]:offsets[i + 1]] = np.frombuffer(x, dtype=np.uint8)
+            out["encoded"], out["encoded_offsets"] = packed, torch.from_numpy(offsets)
+        return out
+
+    # -- reading
+
+    def _read(self, url: str, start: int, end: int) -> bytes:
+        return storage.read_range(url, start, end, retries=self.retries, backoff_s=self.backoff_s)
+
+    def _samples(self, sp: S.Span, got: bytes | OSError):
+        """Yield (i, key, members, error) for each sample of the span from its one range read,
+        or, when that failed (missing / truncated shard), per-sample reads of what survives."""
+        url = self.index.shard_url(sp.shard)
+        offs = self.index.shards[sp.shard].offsets
+        if isinstance(got, OSError):
+            if getattr(got, "reason", None) == "missing":  # nothing to salvage
+                for i in range(sp.count):
+                    yield i, self._peek_key(url, None, sp.shard, sp.first + i), None, str(got)
+                return
+            yield from self._salvage(sp, url, offs, got)
+            return
+        base = offs[sp.first]
+        mv = memoryview(got)
+        for i in range(sp.count):
+            lo, hi = offs[sp.first + i] - base, offs[sp.first + i + 1] - base
+            yield (i, *self._parse_sample(mv[lo:hi]))
+
+    def _salvage(self, sp: S.Span, url: str, offs: Sequence[int], first_error: OSError):
+        broken: str | None = None
+        for i in range(sp.count):
+            s = sp.first + i
+            if broken is None:
+                try:
+                    yield (i, *self._parse_sample(self._read(url, offs[s], offs[s + 1])))
+                    continue
+                except OSError as e:
+                    broken = str(e) or str(first_error)
+            # the shard is gone past this point (truncated / missing): don't read further
+            yield i, self._peek_key(url, offs[s], sp.shard, s), None, broken
+
+    def _peek_key(self, url: str, offset: int | None, shard: int, sample: int) -> str:
+        """The key of a sample we could not read: from the index when keys are consecutive
+        integers (what `etsdm shard` writes), else from its tar header if that is readable."""
+        first = self.index.shards[shard].first_key
+        if first:
+            if sample == 0:
+                return first
+            if first.isdigit():
+                return key_at(first, sample)
+        if offset is None:
+            return ""
+        try:
+            header = storage.read_range(url, offset, offset + 512, retries=0, backoff_s=0.0)
+            return _split_key(_tar_member_name(header))
+        except Exception:  # noqa: BLE001 - best effort, for the message only
+            return ""
+
+    def _parse_sample(self, buf) -> tuple[str, dict | None, str | None]:
+        """(key, {ext: bytes}, error) for one sample's tar bytes."""
+        try:
+            key, out = sample_from_members(parse_sample_members(buf))
+        except Exception as e:  # noqa: BLE001 - corrupt tar data (TarFormatError names the key)
+            key = getattr(e, "key", None) or (
+                _split_key(_tar_member_name(bytes(buf[:512]))) if len(buf) >= 512 else "")
+            return key, None, f"corrupt tar data: {e}"
+        if not any(e in out for e in IMAGE_EXTS):
+            return key, None, f"no image member (.png/.jpg) among {sorted(out)}"
+        if self.use_labels and "cls" not in out:
+            return key, None, "no .cls member but data.use_labels is true"
+        return key, out, None
+
+    def _fill(self, slot: int, position: int, members: dict, pixels, labels, encoded) -> None:
+        data = members.get("jpg") or members.get("png") or members.get("jpeg")
+        if "cls" in members:
+            labels[slot] = int(members["cls"])  # int() takes ASCII digits and whitespace as bytes
+        if pixels is None:
+            encoded[slot] = data
+            return
+        arr = decode_image(data, self.index.channels, self._formats)  # [H, W, C]
+        dst = pixels[slot]  # the batch slot: a contiguous HWC view
+        if arr.shape != dst.shape:
+            raise ValueError(f"image is {arr.shape[:2]} with {arr.shape[2]} channels, "
+                             f"expected {dst.shape[:2]} with {dst.shape[2]}")
+        if self.hflip and S.hflip(self.seed, position):
+            arr = arr[:, ::-1]
+        np.copyto(dst, arr)  # the one copy out of Pillow's buffer
+
+    def _probe_shape(self, plan: S.ShardPlan) -> tuple[int, int, int]:
+        """Index without a resolution: take the shape from the first readable sample."""
+        for s, info in enumerate(self.index.shards):
+            if info.samples == 0:
+                continue
+            try:
+                key, members, err = self._parse_sample(
+                    self._read(self.index.shard_url(s), info.offsets[0], info.offsets[1]))
+                if err is None:
+                    data = next(members[e] for e in IMAGE_EXTS if e in members)
+                    h, w_, c = decode_image(data, self.index.channels, self._formats).shape
+                    self._shape = (c, h, w_)
+                    return self._shape
+            except Exception:  # noqa: BLE001 - try the next shard
+                continue
+        raise ShardDataError(f"{self.index.url}: no readable sample to take the image size from "
+                             f"(index.json has no resolution)")
+
+
+# --------------------------------------------------------------------------- loader
+
+
+class ShardLoader:
+    """Iterates one rank's micro-batches in order, forever; keeps error counts and the cursor.
+
+    state_dict() == {"seed", "position"}: the global image cursor after the complete global
+    batches handed out so far (equal to the training image counter when the loop consumes one
+    micro-batch per accumulation step).
+    """
+
+    def __init__(self, dataset: ShardStream, dataloader, skip_budget: int):
+        self.dataset, self.dataloader, self.skip_budget = dataset, dataloader, skip_budget
+        self.micro_batches = 0
+        self._errors: dict[str, int] = {}
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = iter(self.dataloader)
+        batch = next(self._it)
+        if batch["micro_batch"] != self.micro_batches:  # would break the global order silently
+            raise RuntimeError(f"dataloader yielded micro-batch {batch['micro_batch']}, "
+                               f"expected {self.micro_batches}")
+        self.micro_batches += 1
+        for name, n in batch["errors"]:
+            self._errors[name] = self._errors.get(name, 0) + n
+        if len(self._errors) > self.skip_budget:
+            bad = ", ".join(f"{self.dataset.index.url}/{k} ({v} samples)" for k, v in sorted(self._errors.items()))
+            raise DataBudgetExceeded(
+                f"{len(self._errors)} bad shards exceed data.skip_budget={self.skip_budget}: {bad}. "
+                f"Check them with `etsdm verify {self.dataset.index.url}`")
+        return batch
+
+    def error_counts(self) -> dict[str, int]:
+        """{shard name: samples that failed} seen by this rank so far."""
+        return dict(self._errors)
+
+    @property
+    def position(self) -> int:
+        d = self.dataset
+        return S.position_after(d.start, self.micro_batches, d.B, d.W, d.b)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.dataset.seed, "position": self.position}
+
+    def close(self) -> None:
+        """Stop the worker processes (persistent workers otherwise live as long as the loader)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+
+def make_loader(cfg_data, index: ShardIndex | str | None = None, *, seed: int, start_position: int,
+                batch_images: int, world_size: int, rank: int, micro_batch_images: int,
+                num_workers: int | None = None, decode: bool = True, read_ahead: int = 2,
+                multiprocessing_context: str | None = None) -> ShardLoader:
+    """The rank's loader: an IterableDataset in a DataLoader (batch_size=None, workers polled
+    round-robin, so micro-batches come out in order j = 0, 1, 2, ...)."""
+    if index is None or isinstance(index, str):
+        index = load_index(index or cfg_data.url)
+    workers = cfg_data.num_workers if num_workers is None else num_workers
+    ds = ShardStream(index, seed=seed, start_position=start_position, batch_images=batch_images,
+                     world_size=world_size, rank=rank, micro_batch_images=micro_batch_images,
+                     hflip=cfg_data.hflip, on_error=cfg_data.on_error, retries=cfg_data.retries,
+                     retry_backoff_s=cfg_data.retry_backoff_s, use_labels=cfg_data.use_labels,
+                     decode=decode, read_ahead=read_ahead)
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=cfg_data.prefetch_factor,
+                      multiprocessing_context=multiprocessing_context)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+                                     pin_memory=torch.cuda.is_available(), **kwargs)
+    return ShardLoader(ds, dl, cfg_data.skip_budget)
