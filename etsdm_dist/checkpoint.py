@@ -10,10 +10,12 @@ them and publishes them (rename into place, or upload) -> barrier -> rank 0 writ
 (holding the manifest's sha256) -> `latest` -> retention. A crash at any point leaves either the
 previous committed checkpoint or the new one; `find_resume` never picks a partial one.
 
-Resume (`find_resume`, then `needs_universal` BEFORE build_engine, then `load`): same world size and
-ZeRO stage loads DeepSpeed's files directly; otherwise rank 0 of each host converts them into a
-universal checkpoint (deepspeed.checkpoint.ds_to_universal --inject_missing_state) in a local cache
-and DeepSpeed re-partitions on load (the engine must be built with load_universal=True).
+Resume (`find_resume`, then `needs_universal` BEFORE build_engine, then `load`): the same world
+size, ZeRO stage and precision (or ZeRO-0 -> ZeRO-0 at any world size) loads DeepSpeed's files
+directly. Any other layout is converted by reshard.py: rank 0 of each host writes a canonical
+per-parameter state into a local cache (ds_to_universal for ZeRO-1/2/3 sources), and every rank
+writes it into its normally built engine. Every direction among ZeRO 0/1/2/3, world sizes and
+fp32/bf16 is exact for fp32 masters, Adam moments and steps.
 
 Unpickling: our files are loaded with weights_only=True. DeepSpeed 0.19.8 calls
 torch.load(weights_only=False) throughout its checkpoint code (TorchCheckpointEngine.load,
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from etsdm_dist import storage
+from etsdm_dist import reshard, storage
 from etsdm_dist.config import ConfigError
 
 CHECKPOINTS = "checkpoints"
@@ -383,24 +385,16 @@ def find_resume(run_dir: str, *, sha256: bool = False
 
 
 def needs_universal(manifest: dict, cfg, world_size: int) -> bool:
-    """Whether resuming from `manifest` needs DeepSpeed's universal checkpoint path: its world
-    size or precision (file layout) differs from this run, or its ZeRO stage does (1 <-> 2).
-    Call BEFORE build_engine and pass the answer as build_engine(..., load_universal=...).
-
-    Raises ConfigError for what DeepSpeed 0.19.8 cannot convert: ZeRO-0 keeps the whole
-    optimizer state in one file that any world size loads directly (stage 0 -> 0 needs nothing),
-    but it has no ZeRO shards to convert into another stage; and ZeRO-3's universal files (raw
-    flat tensors, no per-param `step`, no ds_version) are not what the ZeRO-1/2 loader reads.
-    """
+    """Whether resuming from `manifest` converts the checkpoint (reshard.py) instead of loading
+    DeepSpeed's files directly: its world size, ZeRO stage or precision differs from this run's
+    (ZeRO-0 -> ZeRO-0 at the same precision loads directly at any world size: one file holds
+    everything). Call BEFORE build_engine and pass the answer as build_engine(load_universal=...);
+    `load` checks that they agree."""
     src, dst = int(manifest["zero_stage"]), int(cfg.train.zero_stage)
-    if src != dst and (0 in (src, dst) or 3 in (src, dst)):
-        raise ConfigError(
-            f"train.zero_stage={dst}: this run's checkpoint {manifest['name']} was written under "
-            f"ZeRO-{src}, and DeepSpeed {_ds_version()} cannot convert between ZeRO-{src} and "
-            f"ZeRO-{dst} (only 1 <-> 2, or any world size within one stage); resume with "
-            f"train.zero_stage={src}")
+    if src not in (0, 1, 2, 3):
+        raise ConfigError(f"checkpoint {manifest['name']}: unknown ZeRO stage {src}")
     if src == 0 and dst == 0 and manifest["precision"] == cfg.train.precision:
-        return False  # one model-states file holds everything; DeepSpeed loads it at any world size
+        return False
     return (int(manifest["world_size"]) != int(world_size) or src != dst
             or manifest["precision"] != cfg.train.precision)
 
@@ -430,25 +424,6 @@ def _localize(path: str, manifest: dict, cache: str, leader: bool) -> str:
     return local
 
 
-def _convert_universal(src: str, dst: str) -> None:
-    """ds_to_universal, in-process and single-worker (no process pool), into dst atomically."""
-    from argparse import Namespace
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    tmp = f"{dst}.tmp-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    args = Namespace(input_folder=src, output_folder=tmp, num_extract_workers=1, num_merge_workers=1,
-                     keep_temp_folder=False, strict=True, inject_missing_state=True)
-    with weights_only_loads():
-        ds_to_universal(args)
-    try:
-        os.rename(tmp, dst)
-    except OSError:  # another host converted into a shared cache first
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def load(engine, ema, path: str, manifest: dict, cfg, world_size: int, *,
          cache_dir: str | None = None) -> dict:
     """Restore engine (weights, optimizer, step counters), EMA and RNG from a verified checkpoint
@@ -469,20 +444,28 @@ def load(engine, ema, path: str, manifest: dict, cfg, world_size: int, *,
     name = manifest["name"]
     try:
         if universal:
-            uni_parent = os.path.join(cache, "universal")
-            if leader and not os.path.isdir(os.path.join(uni_parent, name)):
-                os.makedirs(uni_parent, exist_ok=True)
-                _convert_universal(local, os.path.join(uni_parent, name))
-            _barrier()
-            load_dir = uni_parent
+            canonical = os.path.join(cache, "canonical", name)
+            failure = None
+            if leader and not os.path.isdir(canonical):
+                os.makedirs(os.path.dirname(canonical), exist_ok=True)
+                try:
+                    reshard.convert(local, canonical, int(manifest["zero_stage"]),
+                                    reshard.trainable_names(engine))
+                except Exception as e:  # tell the other ranks instead of leaving them in a barrier
+                    failure = e
+            failures = [f for f in _gather(None if failure is None else f"{type(failure).__name__}: {failure}") if f]
+            if failure is not None:
+                raise failure
+            if failures:
+                raise RuntimeError(f"converting checkpoint {path} failed on another host: {failures[0]}")
+            reshard.restore(engine, canonical)
         else:
-            load_dir = os.path.dirname(local.rstrip("/"))
-        with weights_only_loads():
-            loaded, _ = engine.load_checkpoint(load_dir, tag=name, load_module_strict=True,
-                                               load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
-        if loaded is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+            with weights_only_loads():
+                loaded, _ = engine.load_checkpoint(os.path.dirname(local.rstrip("/")), tag=name,
+                                                   load_module_strict=True, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+            if loaded is None:
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
         ema.load_state_dict(torch.load(os.path.join(local, EMA_FILE), map_location="cpu",
                                        weights_only=True))
     finally:

@@ -125,15 +125,16 @@ def full_exp_avg(engine) -> dict[str, torch.Tensor]:
     return out
 
 
-def launch(nproc: int, args: list[str], timeout_s: float = 240.0) -> None:
-    """Run this file as `nproc` ranks; raise with their output if any fails or it times out."""
+def launch(nproc: int, args: list[str], timeout_s: float = 240.0, script: str | None = None) -> None:
+    """Run this file (or `script`) as `nproc` ranks; raise with their output if any fails or it
+    times out."""
     port = free_port()
     procs = []
     for rank in range(nproc):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", DEEPSPEED_TIMEOUT="2")
-        procs.append(subprocess.Popen([sys.executable, __file__, *args], env=env,
+        procs.append(subprocess.Popen([sys.executable, script or __file__, *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       start_new_session=True))
     outputs, failed = [], False
