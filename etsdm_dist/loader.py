@@ -1,12 +1,16 @@
 """Shard bytes -> uint8 image batches, in the global order of shards.py, resumable from one cursor.
 
 Each rank reads only its own samples: shards.py turns a micro-batch's positions into a few
-contiguous runs inside shards, and each run is ONE byte-range read [offsets[first],
+contiguous runs inside shards, and each run is a byte range [offsets[first],
 offsets[first+count]) of the shard (an HTTP range request on s3:// or http://, a seek locally),
-using the per-sample offsets of index.json. So there is no W-fold read amplification, and a
-resume starts at the exact sample without reading or decoding anything before it. This is why
-the loader does not use webdataset's sequential tar iteration (the shards stay plain webdataset
-tars, readable by it; registering its s3:// opener is storage.py's business).
+using the per-sample offsets of index.json. Runs of upcoming micro-batches that are adjacent in
+a shard (one rank; a worker's group of consecutive micro-batches) are fetched as ONE larger
+read of up to max_read_bytes (`_Extent`: a server spends CPU per request); the rule that merges
+them never reads more than 1/4 extra bytes of other samples, in practice none. So there is no
+W-fold read amplification, and a resume starts at the exact sample without reading or decoding
+anything before it. This is why the loader does not use webdataset's sequential tar iteration
+(the shards stay plain webdataset tars, readable by it; registering its s3:// opener is
+storage.py's business).
 
 Batches are dicts: `images` uint8 [b,C,H,W] (channels_last memory), `labels` int64 [b] (-1 without .cls), `positions`
 int64 [b] (global positions), `valid` bool [b] (False: a sample of a bad shard, zeros, mask it
@@ -32,7 +36,7 @@ from PIL import Image
 from etsdm_dist import shards as S
 from etsdm_dist import storage
 
-from etsdm_dist.tarformat import key_at, parse_sample_members, sample_from_members, split_name
+from etsdm_dist.tarformat import key_at, parse_sample, split_name
 
 INDEX_FORMAT = "etsdm-shards/1"
 IMAGE_EXTS = ("png", "jpg", "jpeg")
@@ -232,14 +236,50 @@ class _ReadAhead:
             self._jobs.put(None)
 
 
+MAX_READ_BYTES = 32 << 20  # the largest coalesced range read (one extent)
+GROUP_TARGET_BYTES = 8 << 20  # grouped worker items aim for range reads of about this size
+MAX_GROUP = 4  # at most this many micro-batches per DataLoader item
+
+
+class _Extent:
+    """One range read [lo, hi) of shard `shard`: the spans of one or more upcoming micro-batches
+    of this worker. `seq` numbers extents in read order."""
+
+    __slots__ = ("seq", "shard", "lo", "hi", "fut")
+
+    def __init__(self, seq: int, shard: int, lo: int, hi: int):
+        self.seq, self.shard, self.lo, self.hi, self.fut = seq, shard, lo, hi, None
+
+    def take(self, shard: int, lo: int, hi: int, max_bytes: int) -> bool:
+        """Grow to cover the span [lo, hi) if the coalescing rule allows it.
+
+        The rule: same shard, the span starts at or after the extent's end, the gap in between
+        (bytes of samples that are not this worker's: other ranks' or other workers') is at most
+        a quarter of the span's own bytes, and the extent stays within max_bytes (or the span
+        is alone). So at most 1/4 of the useful bytes of any read belong to other samples. With
+        the plan of shards.py the gap is 0 (one rank, a worker's consecutive micro-batches) or a
+        whole micro-batch of another rank or worker (never merged): in practice nothing of
+        another rank is read at all.
+        """
+        gap = lo - self.hi
+        if shard != self.shard or gap < 0 or 4 * gap > hi - lo or hi - self.lo > max_bytes:
+            return False
+        self.hi = hi
+        return True
+
+
 class ShardStream(torch.utils.data.IterableDataset):
-    """One rank's micro-batches, forever; dataloader worker w of K makes those with j % K == w."""
+    """One rank's micro-batches, forever; dataloader worker w of K makes those with
+    (j // group) % K == w, yielding `group` of them per item (a list) when group > 1."""
 
     def __init__(self, index: ShardIndex, *, seed: int, start_position: int, batch_images: int,
                  world_size: int, rank: int, micro_batch_images: int, hflip: bool = False,
                  on_error: str = "raise", retries: int = 8, retry_backoff_s: float = 0.5,
-                 use_labels: bool = False, decode: bool = True, read_ahead: int = 2):
+                 use_labels: bool = False, decode: bool = True, read_ahead: int = 2,
+                 group: int = 1, max_read_bytes: int = MAX_READ_BYTES):
         super().__init__()
+        if group < 1 or max_read_bytes < 1:
+            raise ValueError(f"group and max_read_bytes must be >= 1, got {group}, {max_read_bytes}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be raise or skip, got {on_error!r}")
         S.check_batch_geometry(batch_images, world_size, micro_batch_images)
@@ -252,6 +292,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.B, self.W, self.r, self.b = batch_images, world_size, rank, micro_batch_images
         self.hflip, self.on_error, self.use_labels, self.decode = hflip, on_error, use_labels, decode
         self.retries, self.backoff_s, self.read_ahead = retries, retry_backoff_s, read_ahead
+        self.group, self.max_read_bytes = int(group), int(max_read_bytes)
         ext = index.image_format.lower()
         self._formats = ["JPEG"] if ext in ("jpg", "jpeg") else ["PNG"]
         self._shape: tuple[int, int, int] | None = (
@@ -259,23 +300,79 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     # -- iteration
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator:
         info = torch.utils.data.get_worker_info()
         w, k = (0, 1) if info is None else (info.id, info.num_workers)
+        if self.group == 1:
+            yield from self._micro_batches(w, k)
+            return
+        items = self._micro_batches(w, k)
+        while True:  # one DataLoader item per group of consecutive micro-batches
+            yield [next(items) for _ in range(self.group)]
+
+    def _micro_batches(self, w: int, k: int) -> Iterator[dict]:
         plan = S.ShardPlan(self.index.shard_samples, self.seed)
-        # Read-ahead: the range reads of the next `read_ahead` micro-batches are in flight (in
-        # threads: sockets and Pillow release the GIL) while this one is parsed and decoded.
-        # Object stores give bandwidth to concurrent requests, not to one long stream.
+        # Read-ahead: the range reads (extents) of the next `read_ahead` extents beyond those of
+        # the micro-batch being assembled are in flight, in threads (sockets and Pillow release
+        # the GIL). Object stores give bandwidth to concurrent requests, not to one long stream.
+        # An extent covers adjacent spans of several upcoming micro-batches where that is
+        # possible (_Extent.take): fewer, larger requests, which cost the server far less CPU per
+        # byte. Memory: at most (read_ahead + 1) extents of <= max_read_bytes each.
         ahead = _ReadAhead(max(1, self.read_ahead))
         try:
-            queue: collections.deque = collections.deque()
-            for j in S.worker_micro_batches(w, k):
-                queue.append((j, ahead.submit(self._fetch, plan, j)))
-                if len(queue) > ahead.threads:
-                    j0, fut = queue.popleft()
-                    yield self._assemble(plan, j0, fut.result())
+            schedule = self._schedule(plan, w, k)
+            pending: collections.deque = collections.deque()  # (j, parts): extents submitted
+            inflight: collections.deque = collections.deque()  # extents submitted, not consumed
+            while True:
+                while not pending or sum(e.seq > pending[0][1][-1][1].seq
+                                         for e in inflight) < ahead.threads:
+                    item = next(schedule)
+                    if isinstance(item, _Extent):
+                        item.fut = ahead.submit(self._read_extent, item)
+                        inflight.append(item)
+                    else:
+                        pending.append(item)
+                j, parts = pending.popleft()
+                first = parts[0][1].seq
+                while inflight[0].seq < first:  # every later micro-batch starts at `first` or later
+                    inflight.popleft()
+                fetched = []
+                for sp, ext, lo, hi in parts:
+                    got = ext.fut.result()
+                    fetched.append((sp, got if isinstance(got, OSError)
+                                    else memoryview(got)[lo - ext.lo:hi - ext.lo]))
+                del parts
+                yield self._assemble(plan, j, fetched)
         finally:
             ahead.close()
+
+    def _schedule(self, plan: S.ShardPlan, w: int, k: int) -> Iterator:
+        """This worker's reads and micro-batches in order, forever: each extent (once it can grow
+        no more), then the micro-batches `(j, [(span, extent, lo, hi), ...])` complete with it.
+        A micro-batch comes only after every extent it needs."""
+        ext: _Extent | None = None
+        seq = 0
+        waiting: list = []  # micro-batches whose last span is in `ext`
+        for j in S.worker_micro_batches(w, k, self.group):
+            parts = []
+            for sp in plan.spans(self._positions(j)):
+                offs = self.index.shards[sp.shard].offsets
+                lo, hi = offs[sp.first], offs[sp.first + sp.count]
+                if ext is None or not ext.take(sp.shard, lo, hi, self.max_read_bytes):
+                    if ext is not None:
+                        yield ext
+                        yield from waiting
+                        waiting = []
+                    ext = _Extent(seq, sp.shard, lo, hi)
+                    seq += 1
+                parts.append((sp, ext, lo, hi))
+            waiting.append((j, parts))
+
+    def _read_extent(self, ext: _Extent) -> bytes | OSError:
+        try:
+            return self._read(self.index.shard_url(ext.shard), ext.lo, ext.hi)
+        except OSError as e:  # handled per sample by _samples (salvage / invalid)
+            return e
 
     def micro_batch(self, plan: S.ShardPlan, j: int) -> dict:
         """Rank micro-batch j, read and decoded now (no read-ahead)."""
@@ -344,17 +441,19 @@ class ShardStream(torch.utils.data.IterableDataset):
         else:  # encoded bytes packed in one tensor: crosses from a worker by shared memory
             offsets = np.zeros(n + 1, dtype=np.int64)
             np.cumsum([len(x) for x in encoded], out=offsets[1:])
-            packed = torch.empty(int(offsets[-1]), dtype=torch.uint8)
-            flat = packed.numpy()
-            for i, x in enumerate(encoded):
-                flat[offsets[i]:offsets[i + 1]] = np.frombuffer(x, dtype=np.uint8)
+            joined = bytearray().join(encoded)  # one C loop of memcpy; writable, no extra copy
+            packed = (torch.frombuffer(joined, dtype=torch.uint8) if joined
+                      else torch.empty(0, dtype=torch.uint8))
             out["encoded"], out["encoded_offsets"] = packed, torch.from_numpy(offsets)
         return out
 
     # -- reading
 
     def _read(self, url: str, start: int, end: int) -> bytes:
-        return storage.read_range(url, start, end, retries=self.retries, backoff_s=self.backoff_s)
+        # one request per extent (chunks only past max_read_bytes): a server spends CPU per
+        # request, and a transient error re-reads at most one extent
+        return storage.read_range(url, start, end, retries=self.retries, backoff_s=self.backoff_s,
+                                  chunk_bytes=max(8 << 20, self.max_read_bytes))
 
     def _samples(self, sp: S.Span, got: bytes | OSError):
         """Yield (i, key, members, error) for each sample of the span from its one range read,
@@ -407,12 +506,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _parse_sample(self, buf) -> tuple[str, dict | None, str | None]:
         """(key, {ext: bytes}, error) for one sample's tar bytes."""
         try:
-            key, out = sample_from_members(parse_sample_members(buf))
+            key, out = parse_sample(buf, copy=False)  # memoryviews into the read buffer
         except Exception as e:  # noqa: BLE001 - corrupt tar data (TarFormatError names the key)
             key = getattr(e, "key", None) or (
                 _split_key(_tar_member_name(bytes(buf[:512]))) if len(buf) >= 512 else "")
             return key, None, f"corrupt tar data: {e}"
-        if not any(e in out for e in IMAGE_EXTS):
+        if "jpg" not in out and "png" not in out and "jpeg" not in out:  # IMAGE_EXTS
             return key, None, f"no image member (.png/.jpg) among {sorted(out)}"
         if self.use_labels and "cls" not in out:
             return key, None, "no .cls member but data.use_labels is true"
@@ -421,7 +520,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _fill(self, slot: int, position: int, members: dict, pixels, labels, encoded) -> None:
         data = members.get("jpg") or members.get("png") or members.get("jpeg")
         if "cls" in members:
-            labels[slot] = int(members["cls"])  # int() takes ASCII digits and whitespace as bytes
+            labels[slot] = int(bytes(members["cls"]))  # int() takes ASCII digits and whitespace
         if pixels is None:
             encoded[slot] = data
             return
@@ -469,6 +568,7 @@ class ShardLoader:
         self.micro_batches = 0
         self._errors: dict[str, int] = {}
         self._it = None
+        self._group: collections.deque = collections.deque()  # rest of a grouped item
 
     def __iter__(self):
         return self
@@ -476,7 +576,10 @@ class ShardLoader:
     def __next__(self) -> dict:
         if self._it is None:
             self._it = iter(self.dataloader)
-        batch = next(self._it)
+        if not self._group:
+            item = next(self._it)
+            self._group.extend(item if isinstance(item, list) else (item,))
+        batch = self._group.popleft()
         if batch["micro_batch"] != self.micro_batches:  # would break the global order silently
             raise RuntimeError(f"dataloader yielded micro-batch {batch['micro_batch']}, "
                                f"expected {self.micro_batches}")
@@ -505,28 +608,50 @@ class ShardLoader:
     def close(self) -> None:
         """Stop the worker processes (persistent workers otherwise live as long as the loader)."""
         it, self._it = self._it, None
+        self._group.clear()
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
+
+
+def _as_is(item):
+    return item
+
+
+def auto_group(index: ShardIndex, world_size: int, micro_batch_images: int, workers: int) -> int:
+    """Micro-batches per DataLoader item. With one rank, a worker's consecutive micro-batches are
+    adjacent bytes in the shards, so a group of them is one range read of ~GROUP_TARGET_BYTES
+    instead of several small ones (with more ranks they are not adjacent: 1). The DataLoader
+    output order stays exact: items are groups of consecutive micro-batches, polled round-robin."""
+    if world_size != 1 or workers < 1:
+        return 1
+    mean = sum(s.offsets[-1] - s.offsets[0] for s in index.shards) / max(1, index.total_samples)
+    return max(1, min(MAX_GROUP, -(-GROUP_TARGET_BYTES // max(1, int(mean * micro_batch_images)))))
 
 
 def make_loader(cfg_data, index: ShardIndex | str | None = None, *, seed: int, start_position: int,
                 batch_images: int, world_size: int, rank: int, micro_batch_images: int,
                 num_workers: int | None = None, decode: bool = True, read_ahead: int = 2,
-                multiprocessing_context: str | None = None) -> ShardLoader:
+                multiprocessing_context: str | None = None, group: int | None = None,
+                max_read_bytes: int = MAX_READ_BYTES) -> ShardLoader:
     """The rank's loader: an IterableDataset in a DataLoader (batch_size=None, workers polled
-    round-robin, so micro-batches come out in order j = 0, 1, 2, ...)."""
+    round-robin, so micro-batches come out in order j = 0, 1, 2, ...). `group`: micro-batches
+    per worker item (None: auto_group)."""
     if index is None or isinstance(index, str):
         index = load_index(index or cfg_data.url)
     workers = cfg_data.num_workers if num_workers is None else num_workers
+    if group is None:
+        group = auto_group(index, world_size, micro_batch_images, workers)
     ds = ShardStream(index, seed=seed, start_position=start_position, batch_images=batch_images,
                      world_size=world_size, rank=rank, micro_batch_images=micro_batch_images,
                      hflip=cfg_data.hflip, on_error=cfg_data.on_error, retries=cfg_data.retries,
                      retry_backoff_s=cfg_data.retry_backoff_s, use_labels=cfg_data.use_labels,
-                     decode=decode, read_ahead=read_ahead)
+                     decode=decode, read_ahead=read_ahead, group=group,
+                     max_read_bytes=max_read_bytes)
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=cfg_data.prefetch_factor,
                       multiprocessing_context=multiprocessing_context)
-    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+    # collate_fn: the items are already tensors; torch's default_convert would only walk them
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_as_is,
                                      pin_memory=torch.cuda.is_available(), **kwargs)
     return ShardLoader(ds, dl, cfg_data.skip_budget)

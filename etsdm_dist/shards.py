@@ -13,8 +13,10 @@ resume with a different W from the image cursor still sees every remaining sampl
 Batches straddle epoch boundaries instead of dropping or padding: every rank always gets the
 same number of full micro-batches and no rank can run short and hang the collective.
 
-Dataloader worker w of K produces the rank's micro-batches j with j % K == w; torch's DataLoader
-(batch_size=None) polls workers round-robin and therefore yields j = 0, 1, 2, ... in order.
+Dataloader worker w of K produces the rank's micro-batches j with (j // G) % K == w, as DataLoader
+items of G consecutive micro-batches (G = 1 unless the loader groups them to read bigger byte
+ranges); torch's DataLoader (batch_size=None) polls workers round-robin and therefore yields the
+items, and so j = 0, 1, 2, ..., in order.
 """
 from __future__ import annotations
 
@@ -153,13 +155,16 @@ def rank_micro_batch_positions(start: int, j: int, batch_images: int, world_size
     return range(base, base + micro_batch_images)
 
 
-def worker_micro_batches(worker: int, num_workers: int) -> Iterator[int]:
-    """Micro-batch indices j produced by dataloader worker `worker` of `num_workers` (0 = 1)."""
-    k = max(1, num_workers)
-    j = worker
+def worker_micro_batches(worker: int, num_workers: int, group: int = 1) -> Iterator[int]:
+    """Micro-batch indices j produced by dataloader worker `worker` of `num_workers` (0 = 1):
+    the worker owns the groups of `group` consecutive micro-batches g = j // group with
+    g % num_workers == worker. It yields each group as one DataLoader item, so the round-robin
+    DataLoader still outputs groups, and hence micro-batches, in the order 0, 1, 2, ..."""
+    k, g = max(1, num_workers), max(1, group)
+    j = worker * g
     while True:
-        yield j
-        j += k
+        yield from range(j, j + g)
+        j += k * g
 
 
 def position_after(start: int, micro_batches: int, batch_images: int, world_size: int,

@@ -296,3 +296,145 @@ def test_skip_budget_exceeded_names_the_shards(tmp_path, shards_dir):
         assert idx["shards"][s]["name"] in str(ei.value)
     ld, batches = run_epoch(str(tmp_path), cfg(on_error="skip", skip_budget=2), 5)
     assert sum((~b["valid"]).sum().item() for b in batches) == 6  # shards of 5 and 1 samples
+
+
+# --------------------------------------------------------------------------- coalesced reads
+
+
+def _record_reads(monkeypatch):
+    """Record every storage.read_range call the loader makes (in this process)."""
+    from etsdm_dist import storage
+    calls, real = [], storage.read_range
+
+    def spy(path, start, end, **kw):
+        calls.append((os.path.basename(path), start, end))
+        return real(path, start, end, **kw)
+
+    monkeypatch.setattr(storage, "read_range", spy)
+    return calls
+
+
+def _same(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x["micro_batch"] == y["micro_batch"] and x["keys"] == y["keys"]
+        assert torch.equal(x["positions"], y["positions"]) and torch.equal(x["labels"], y["labels"])
+        assert torch.equal(x["images"], y["images"]) and torch.equal(x["valid"], y["valid"])
+
+
+def test_one_rank_coalesces_adjacent_micro_batches(shards_dir, monkeypatch):
+    d, idx = shards_dir
+    calls = _record_reads(monkeypatch)
+    kw = dict(c=cfg(hflip=True), seed=5, B=2)
+    plain = take(loader(d, max_read_bytes=1, **kw), 25)  # 50 positions, 2.5 epochs
+    assert len(calls) > 25  # one read per span at least
+    calls.clear()
+    got = take(loader(d, **kw), 25)
+    _same(plain, got)
+    # one read per shard visit (+ read-ahead of the next): the shards are far below max_read_bytes
+    assert len(calls) <= 3 * len(idx["shards"]) + 3
+    for name, lo, hi in calls:
+        s = next(s for s in idx["shards"] if s["name"] == name)
+        assert lo in s["offsets"] and hi in s["offsets"]
+    # max_read_bytes bounds every read that covers more than one span
+    calls.clear()
+    limit = 3 * max(b - a for s in idx["shards"] for a, b in zip(s["offsets"], s["offsets"][1:]))
+    _same(plain, take(loader(d, max_read_bytes=limit, **kw), 25))
+    assert all(hi - lo <= limit for _, lo, hi in calls)
+
+
+@pytest.mark.parametrize("W,r,b", [(2, 0, 2), (2, 1, 1), (3, 2, 2)])
+def test_reads_never_touch_other_ranks_samples(shards_dir, monkeypatch, W, r, b):
+    d, idx = shards_dir
+    calls = _record_reads(monkeypatch)
+    B = 2 * W * b  # A = 2
+    ld = loader(d, seed=1, B=B, W=W, r=r, b=b)
+    mine = set()
+    plan = S.ShardPlan([s["samples"] for s in idx["shards"]], 1)
+    for batch in take(ld, 12):
+        mine |= {plan.locate(p)[1:] for p in batch["positions"].tolist()}
+    for j in range(12, 20):  # what read-ahead may have fetched already
+        mine |= {plan.locate(p)[1:] for p in S.rank_micro_batch_positions(0, j, B, W, r, b)}
+    for name, lo, hi in calls:
+        s = [i for i, x in enumerate(idx["shards"]) if x["name"] == name][0]
+        offs = idx["shards"][s]["offsets"]
+        for i in range(offs.index(lo), offs.index(hi)):
+            assert (s, i) in mine, f"read sample {i} of shard {s}, which is another rank's"
+
+
+def test_grouped_worker_items_keep_the_order_and_resume(shards_dir):
+    d, _ = shards_dir
+    kw = dict(c=cfg(hflip=True), seed=6, B=3)
+    base = take(loader(d, **kw), 14)
+    for workers, group in [(2, 3), (2, 1), (2, None)]:
+        ld = loader(d, workers=workers, group=group, **kw)
+        try:
+            _same(base, take(ld, 14))
+            assert ld.state_dict() == {"seed": 6, "position": 42}
+        finally:
+            ld.close()
+    # a resume from the cursor of a grouped loader continues exactly
+    ld = loader(d, workers=2, group=3, **kw)
+    try:
+        take(ld, 5)
+        pos = ld.state_dict()["position"]
+    finally:
+        ld.close()
+    _same(base[5:], [dict(x, micro_batch=x["micro_batch"] + 5) for x in
+                     take(loader(d, start=pos, **kw), 9)])
+
+
+def test_auto_group_only_for_one_rank_with_workers(shards_dir):
+    index = L.load_index(shards_dir[0])
+    assert L.auto_group(index, 1, 4, 0) == 1
+    assert L.auto_group(index, 2, 4, 2) == 1
+    assert 1 < L.auto_group(index, 1, 4, 2) <= L.MAX_GROUP
+
+
+@pytest.mark.parametrize("workers,group", [(0, 1), (2, 2)])
+def test_truncated_shard_with_coalesced_reads(tmp_path, shards_dir, workers, group):
+    """A read that covers several micro-batches fails: still exactly the lost samples invalid."""
+    _, src = shards_dir
+    idx = damaged_copy(src, tmp_path, "truncate", shard=2)
+    name = idx["shards"][2]["name"]
+    ld = loader(str(tmp_path), c=cfg(on_error="skip"), B=2, workers=workers, group=group)
+    try:
+        batches = take(ld, 10)
+        counts = ld.error_counts()
+    finally:
+        ld.close()
+    plan = S.ShardPlan([s["samples"] for s in idx["shards"]], 0)
+    invalid = {plan.locate(p)[1:] for b in batches
+               for p, v in zip(b["positions"].tolist(), b["valid"].tolist()) if not v}
+    assert invalid == {(2, i) for i in range(2, 7)}
+    assert counts == {name: 5}
+
+
+# --------------------------------------------------------------------------- tar parsing
+
+
+def test_fast_tar_parsing_matches_the_reference():
+    from etsdm_dist import tarformat as T
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # the checksum: adler32 pieces == the plain byte sum
+        hdr = bytes(rng.integers(0, 256, 512, dtype=np.uint8))
+        assert T.header_checksum(hdr) == sum(hdr[:148]) + 8 * 32 + sum(hdr[156:])
+    assert T.header_checksum(b"\xff" * 512) == 255 * 504 + 256
+    a = T.sample_bytes("000000007", {"png": b"P" * 600, "cls": b"3", "json": b"{}"})
+    b = T.sample_bytes("000000008", {"png": b"Q" * 10})
+    for buf in (a, memoryview(a), bytearray(a)):
+        key, fields = T.parse_sample(buf, copy=False)
+        assert (key, {k: bytes(v) for k, v in fields.items()}) == \
+            T.sample_from_members(T.parse_sample_members(a))
+        assert all(isinstance(v, bytes) for v in T.parse_sample(buf)[1].values())
+    bad = bytearray(a)
+    bad[5] ^= 1  # checksum
+    cases = [bytes(bad), a[:700], a + b, a[:-512] + bytes(512) + a[-512:], a + bytes(300)]
+    for buf in cases:
+        with pytest.raises(T.TarFormatError) as ref:
+            T.sample_from_members(T.parse_sample_members(buf, key="000000007", where="s.tar"),
+                                  where="s.tar")
+        with pytest.raises(T.TarFormatError) as fast:
+            T.parse_sample(buf, key="000000007", where="s.tar")
+        assert str(fast.value) == str(ref.value) and fast.value.key == ref.value.key
+        assert "s.tar" in str(fast.value) and "000000007" in str(fast.value)

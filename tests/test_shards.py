@@ -153,3 +153,12 @@ def test_geometry_errors_name_the_fields():
         S.rank_micro_batch_positions(0, 0, 4, 2, 2, 2)
     with pytest.raises(ValueError, match="no samples"):
         S.ShardPlan([0, 0], 0)
+
+
+@pytest.mark.parametrize("K,G", [(0, 3), (1, 2), (2, 2), (3, 4)])
+def test_grouped_workers_yield_every_micro_batch_in_order(K, G):
+    """Items of G consecutive micro-batches, workers polled round-robin: j = 0, 1, 2, ..."""
+    gens = [S.worker_micro_batches(w, K, G) for w in range(max(1, K))]
+    items = [[next(gens[i % len(gens)]) for _ in range(G)] for i in range(20)]
+    assert [j for item in items for j in item] == list(range(20 * G))
+    assert all(item == list(range(item[0], item[0] + G)) for item in items)
