@@ -35,7 +35,7 @@ import torch
 from . import config as config_mod
 from . import dist
 
-EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE = 0, 2, 3
+EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_DATA = 0, 2, 3, 4
 
 
 # --------------------------------------------------------------------------- helpers
@@ -138,6 +138,16 @@ class _EngineModel:
 
     def __call__(self, x, t, y=None):
         return self.engine(x.to(self.dtype), t, y)
+
+
+def _invalid_batch(index, micro: int, position: int) -> dict:
+    """A micro-batch of the right shape with every sample invalid: keeps a rank whose data failed
+    in step with the others' collectives until all ranks agree to stop."""
+    h, w = index.resolution if index.resolution else (1, 1)
+    return {"images": torch.zeros(micro, index.channels, h, w, dtype=torch.uint8),
+            "labels": torch.full((micro,), -1, dtype=torch.long),
+            "positions": torch.arange(position, position + micro),
+            "valid": torch.zeros(micro, dtype=torch.bool)}
 
 
 # --------------------------------------------------------------------------- dry run
@@ -291,6 +301,11 @@ def training_loop(cfg, local_rank_arg: int | None = None) -> int:
         log("checkpoint was written under another world size / ZeRO stage: loading it as universal")
     engine = engine_mod.build_engine(cfg, model, world, load_universal=universal)
     dtype = _param_dtype(cfg)
+    if cfg.network.compile:
+        # DeepSpeed's own compile keeps parameter names (checkpoints stay loadable either way) and
+        # knows ZeRO-3's gather hooks; the first steps pay the compilation time.
+        engine.compile()
+        log("network compiled with torch.compile (first steps include compilation time)")
 
     # ---- Phase 5: EMA of the weights (one copy per decay).
     ema = ema_mod.EMA.from_config(engine, cfg)
@@ -310,6 +325,11 @@ def training_loop(cfg, local_rank_arg: int | None = None) -> int:
 
     # ---- Phase 7: data, from the cursor (= the image counter).
     index = load_index(cfg.data.url)
+    if cfg.data.use_labels and not (index.num_classes and model.net.config.num_classes):
+        raise config_mod.ConfigError(
+            f"data.use_labels: needs labelled shards (index num_classes={index.num_classes} at "
+            f"{cfg.data.url}) and a class-conditional network (network.num_classes="
+            f"{model.net.config.num_classes})")
     loader = make_loader(cfg.data, index, seed=t_cfg.seed, start_position=cur_images, batch_images=B,
                          world_size=world, rank=rank, micro_batch_images=micro)
 
@@ -333,6 +353,7 @@ def training_loop(cfg, local_rank_arg: int | None = None) -> int:
     model_fn = _EngineModel(engine, model.settings, dtype)
     use_labels = cfg.data.use_labels
     stop_reason = None
+    data_error: str | None = None
     exit_code = EXIT_OK
     fault = os.environ.get("ETSDM_FAULT", "")
     nan_at = int(fault.split("@")[1]) if fault.startswith("nan_loss@") and rank == world - 1 else -1
@@ -361,11 +382,25 @@ def training_loop(cfg, local_rank_arg: int | None = None) -> int:
         nonfinite = False
         for _ in range(accum):
             t0 = time.perf_counter()
-            batch = next(loader)
+            batch = None
+            if data_error is None:
+                try:
+                    batch = next(loader)
+                except Exception as e:  # noqa: BLE001 - shard error, skip budget, dead worker
+                    # Raising here would leave the other ranks waiting in this step's gradient
+                    # collectives until the timeout. Instead this rank finishes the step on an
+                    # all-invalid batch (no loss, no gradient) and the flag all-reduce below stops
+                    # every rank together, without a checkpoint of this step.
+                    data_error = f"{type(e).__name__}: {e}"
+                    print(f"[etsdm] rank {rank}: data failure at kimg {cur_images / 1000:.3f}: {data_error}",
+                          file=sys.stderr, flush=True)
+            if batch is None:
+                batch = _invalid_batch(index, micro, cur_images)
             watch.add("data", time.perf_counter() - t0)
             x0 = to_model_input(batch["images"], device, torch.float32)
             valid = batch["valid"].to(device)
-            y = batch["labels"].to(device) if use_labels else None
+            # Invalid (skipped) samples carry label -1; they are masked out, any class will do.
+            y = batch["labels"].to(device).clamp(min=0) if use_labels else None
             gen = torch.Generator(device=device).manual_seed(_mix(t_cfg.seed, int(batch["positions"][0])))
             per_sample, t = diffusion_loss(model_fn, x0, schedule, y=y, generator=gen,
                                            stratified=cfg.diffusion.stratified_t)
@@ -385,10 +420,10 @@ def training_loop(cfg, local_rank_arg: int | None = None) -> int:
         cur_images += B
 
         # One small all-reduce per step: every rank learns the same stop / NaN decision.
-        flags = torch.tensor([1.0 if preempt.signum is not None else 0.0, 1.0 if nonfinite else 0.0],
-                             dtype=torch.float64, device=device)
+        flags = torch.tensor([1.0 if preempt.signum is not None else 0.0, 1.0 if nonfinite else 0.0,
+                              1.0 if data_error is not None else 0.0], dtype=torch.float64, device=device)
         agreed = dist.all_reduce(torch.cat([flags, step_sum]), "sum").cpu()
-        step_loss = float(agreed[2] / agreed[3]) if agreed[3] > 0 else float("nan")
+        step_loss = float(agreed[3] / agreed[4]) if agreed[4] > 0 else float("nan")
         if step_log:
             with open(step_log, "a") as f:
                 f.write(f"{cur_images} {step_loss.hex()}\n")
@@ -401,6 +436,13 @@ def training_loop(cfg, local_rank_arg: int | None = None) -> int:
                 f"checkpoint is intact: lower optim.lr, raise optim.warmup_kimg or check the data, "
                 f"then rerun to resume from it")
             exit_code = EXIT_NONFINITE
+            break
+        if agreed[2] > 0:
+            log(f"data failure on {int(agreed[2])} rank(s) in step {cur_images // B} (kimg "
+                f"{cur_images / 1000:.3f}); every rank stops without a checkpoint of this step (the "
+                f"failing rank printed the shard and key above). Fix or re-shard the data (or set "
+                f"data.on_error=skip / raise data.skip_budget), then rerun to resume")
+            exit_code = EXIT_DATA
             break
 
         done = cur_images >= total_images
