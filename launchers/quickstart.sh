@@ -18,7 +18,7 @@ fi
 NPROC=${NPROC:-2}
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   export DS_ACCELERATOR=cpu GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=1
-  set -- train.total_kimg="${QUICK_KIMG:-6.4}" train.report_kimg=1.28 train.checkpoint_kimg=3.2 \
+  set -- train.total_kimg="${QUICK_KIMG:-6.4}" train.report_kimg=1.28 train.checkpoint_kimg=3.2 optim.warmup_kimg=0.64 \
     train.sample_kimg="${QUICK_KIMG:-6.4}" train.run_dir=runs/quickstart data.url="$DATA" "$@"
 fi
 MASTER_PORT=${MASTER_PORT:-$((29500 + RANDOM % 1000))} launchers/deepspeed.sh "$NPROC" configs/fmnist32.yaml "$@"
