@@ -299,6 +299,19 @@ def training_loop(cfg, local_rank_arg: int | None = None) -> int:
     universal = bool(manifest is not None and checkpoint.needs_universal(manifest, cfg, world))
     if universal:
         log("checkpoint was written under another world size / ZeRO stage: loading it as universal")
+    if _param_dtype(cfg) != torch.float32 and t_cfg.zero_stage >= 1:
+        # FIX (found by tests/test_training_faults.py): with the time-MLP stored in fp32, a bf16
+        # ZeRO-1/2 run trained entirely in fp32 and a bf16 ZeRO-3 run crashed at initialize.
+        # DeepSpeed (0.19.8) casts parameters one by one (p.data = ...), then module.to(device)
+        # runs TimeEmbedding._apply, which turns the time-MLP back to fp32. ZeRO-1/2 then flatten
+        # the mixed bf16+fp32 group with torch.cat (promotes to fp32) and re-point EVERY parameter
+        # at that fp32 buffer (UNet.forward follows the weight dtype); ZeRO-3's defragment asserts
+        # one dtype. ZeRO's flat buffers need one parameter dtype: store the time path in
+        # bf16/fp16 like the rest. It still COMPUTES in fp32 (TimeEmbedding up-casts its weights,
+        # autocast off), and its fp32 masters (and the EMA) live in the optimizer as for every
+        # other parameter. ZeRO-0's unfused wrapper keeps one fp32 copy per parameter and copes
+        # with mixed dtypes, so there the time path stays stored in fp32.
+        model.net.keep_time_path_fp32(False)
     engine = engine_mod.build_engine(cfg, model, world, load_universal=universal)
     dtype = _param_dtype(cfg)
     if cfg.network.compile:
