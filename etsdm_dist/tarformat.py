@@ -168,36 +168,24 @@ def parse_sample(buf, *, key: str | None = None, where: str = "",
     messages: (key, {ext: data}). copy=False: the data are memoryview slices of `buf` (no copy;
     bytes(...) them where a consumer needs bytes; they keep `buf` alive)."""
     mv, members = _scan(buf, key, where)
+    return sample_from_members(
+        [(name, bytes(mv[a:a + size]) if copy else mv[a:a + size]) for name, a, size in members],
+        where=where)
+
+
+def sample_from_members(members: list, *, where: str = "") -> tuple[str, dict]:
+    """[(name, data)] of one sample -> (key, {ext: data}); all members must share one key."""
     if not members:
         raise TarFormatError(f"{where}: empty sample".lstrip(": "))
-    skey = None
+    key = None
     out: dict = {}
-    for name, a, size in members:
+    for name, data in members:
         got = _split_or_none(name)
         if got is None:
             split_name(name)  # raises its message
         k, ext = got
-        if skey is None:
-            skey = k
-        if k != skey:
-            raise TarFormatError(f"{where}: sample {skey}: member {name!r} belongs to key {k} "
-                                 f"(samples must be contiguous)".lstrip(": "), skey)
-        if ext in out:
-            raise TarFormatError(f"{where}: sample {skey}: duplicate member .{ext}".lstrip(": "),
-                                 skey)
-        out[ext] = bytes(mv[a:a + size]) if copy else mv[a:a + size]
-    return skey, out
-
-
-def sample_from_members(members: list[tuple[str, bytes]], *,
-                        where: str = "") -> tuple[str, dict[str, bytes]]:
-    """[(name, data)] of one sample -> (key, {ext: data}); all members must share one key."""
-    if not members:
-        raise TarFormatError(f"{where}: empty sample".lstrip(": "))
-    key = split_name(members[0][0])[0]
-    out: dict[str, bytes] = {}
-    for name, data in members:
-        k, ext = split_name(name)
+        if key is None:
+            key = k
         if k != key:
             raise TarFormatError(f"{where}: sample {key}: member {name!r} belongs to key {k} "
                                  f"(samples must be contiguous)".lstrip(": "), key)

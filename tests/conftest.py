@@ -63,3 +63,28 @@ def photos_dir() -> Path:
     if not (PHOTOS / "astronaut.png").exists():
         pytest.fail(f"{PHOTOS} missing: run tools/install.sh")
     return PHOTOS
+
+
+# --------------------------------------------------------------------------- training runs
+# Shared by test_training*.py and test_launchers.py: the Fashion-MNIST shards and the one
+# uninterrupted 2-rank fp32 ZeRO-2 reference run are made once per session (train_harness caches
+# them under the session's base temp dir) and every resumed / re-launched run is compared to it.
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp()
+
+
+@pytest.fixture(scope="session")
+def data(base) -> str:
+    import train_harness
+
+    return train_harness.ensure_shards(base)
+
+
+@pytest.fixture(scope="session")
+def reference(base, data):
+    import train_harness
+
+    return train_harness.ensure_reference(base)

@@ -13,16 +13,6 @@ import train_harness as H
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tmp_path_factory.getbasetemp()
-
-
-@pytest.fixture(scope="module")
-def reference(base):
-    return H.ensure_reference(base)
-
-
 def _check(base, reference, name, cmd, launcher, env_extra=None):
     step_log = base / f"steps-{name}.log"
     step_log.unlink(missing_ok=True)

@@ -19,21 +19,6 @@ import train_harness as H
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tmp_path_factory.getbasetemp()
-
-
-@pytest.fixture(scope="module")
-def data(base):
-    return H.ensure_shards(base)
-
-
-@pytest.fixture(scope="module")
-def reference(base, data):
-    return H.ensure_reference(base)
-
-
 def test_reference_run_reports(reference):
     """The reference run itself: 16 steps, finite decreasing-ish loss, complete stats lines."""
     images = [i for i, _ in reference.steps]
@@ -81,7 +66,7 @@ def test_zero3_matches_and_nan_stops_all_ranks(base, data, reference):
 
 def test_kill9_one_rank_then_rerun_resumes_exactly(base, data, reference):
     run = H.run_train("kill9", base, data, 2, *H.REF_OVERRIDES,
-                      poll_factory=lambda log: H.kill_rank_when(log, 1, 96))
+                      poll_factory=lambda log: H.signal_when(log, 96, signal.SIGKILL, ranks=[1]))
     assert run.result.returncodes[1] == -signal.SIGKILL
     assert run.result.returncodes[0] != 0  # the survivor notices the dead peer instead of hanging
     assert max(i for i, _ in run.steps) < 256
@@ -126,7 +111,7 @@ def test_sigterm_saves_requeue_code_then_resume_on_one_rank(base, data, referenc
     2-rank reference. The 1-rank run keeps the micro-batch at 8 (2 accumulation steps) so the
     per-micro-batch noise is the same."""
     run = H.run_train("sigterm", base, data, 2, *H.REF_OVERRIDES,
-                      poll_factory=lambda log: H.signal_all_when(log, 96, signal.SIGTERM))
+                      poll_factory=lambda log: H.signal_when(log, 96, signal.SIGTERM))
     assert run.result.returncodes == [75, 75], run.result.output()
     stopped = max(i for i, _ in run.steps)
     assert 96 <= stopped < 256

@@ -36,21 +36,6 @@ RUN = ("train.zero_stage=2", "train.total_kimg=0.064", "train.checkpoint_kimg=0.
 TIMEOUT_S = 90
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tmp_path_factory.getbasetemp()
-
-
-@pytest.fixture(scope="module")
-def data(base):
-    return H.ensure_shards(base)
-
-
-@pytest.fixture(scope="module")
-def reference(base, data):
-    return H.ensure_reference(base)
-
-
 def _damaged_copy(base, data: str, name: str, mode: str) -> tuple[str, dict]:
     """A copy of the shared shards with the shard holding global position FAIL_AT truncated right
     before that sample ("truncate") or deleted ("delete"). Returns (url, facts about the shard)."""

@@ -125,8 +125,9 @@ def read_step_log(path) -> list[tuple[int, float]]:
     return out
 
 
-def kill_rank_when(step_log: Path, rank: int, min_images: int, sig: int = signal.SIGKILL):
-    """A poll callback: send `sig` to rank `rank` once the step log reaches `min_images`."""
+def signal_when(step_log: Path, min_images: int, sig: int, ranks: Sequence[int] | None = None):
+    """A poll callback: once the step log reaches `min_images`, send `sig` to `ranks` (all ranks
+    when None: what SLURM does on preemption; one rank with SIGKILL: a node that dies)."""
     state = {"done": False}
 
     def poll(procs: list[_Proc]) -> None:
@@ -134,25 +135,8 @@ def kill_rank_when(step_log: Path, rank: int, min_images: int, sig: int = signal
             return
         lines = step_log.read_text().splitlines()
         if lines and int(lines[-1].split()[0]) >= min_images:
-            os.kill(procs[rank].popen.pid, sig)
-            state["done"] = True
-
-    poll.state = state  # type: ignore[attr-defined]
-    return poll
-
-
-def signal_all_when(step_log: Path, min_images: int, sig: int = signal.SIGTERM):
-    """A poll callback: send `sig` to every rank once the step log reaches `min_images` (what
-    SLURM does on preemption)."""
-    state = {"done": False}
-
-    def poll(procs: list[_Proc]) -> None:
-        if state["done"] or not step_log.exists():
-            return
-        lines = step_log.read_text().splitlines()
-        if lines and int(lines[-1].split()[0]) >= min_images:
-            for p in procs:
-                os.kill(p.popen.pid, sig)
+            for r in range(len(procs)) if ranks is None else ranks:
+                os.kill(procs[r].popen.pid, sig)
             state["done"] = True
 
     poll.state = state  # type: ignore[attr-defined]
