@@ -1,16 +1,16 @@
 """Shard bytes -> uint8 image batches, in the global order of shards.py, resumable from one cursor.
 
-Each rank reads only its own samples: shards.py turns a micro-batch's positions into a few
-contiguous runs inside shards, and each run is a byte range [offsets[first],
-offsets[first+count]) of the shard (an HTTP range request on s3:// or http://, a seek locally),
-using the per-sample offsets of index.json. Runs of upcoming micro-batches that are adjacent in
-a shard (one rank; a worker's group of consecutive micro-batches) are fetched as ONE larger
-read of up to max_read_bytes (`_Extent`: a server spends CPU per request); the rule that merges
-them never reads more than 1/4 extra bytes of other samples, in practice none. So there is no
-W-fold read amplification, and a resume starts at the exact sample without reading or decoding
-anything before it. This is why the loader does not use webdataset's sequential tar iteration
-(the shards stay plain webdataset tars, readable by it; registering its s3:// opener is
-storage.py's business).
+The assembly step of loading: the IterableDataset that turns one rank's positions into
+micro-batches, the DataLoader around it, and the ShardLoader that keeps the cursor and the bad
+shard counts. The steps it assembles live beside it: index.json -> ShardIndex (shard_index.py),
+which byte ranges to read and keeping them in flight (reads.py), bytes -> pixels (decode.py).
+
+Each rank reads only its own samples, by byte range, using the per-sample offsets of index.json
+(reads.py: adjacent runs coalesce, never more than 1/4 extra bytes of other samples, in practice
+none). So there is no W-fold read amplification, and a resume starts at the exact sample without
+reading or decoding anything before it. This is why the loader does not use webdataset's
+sequential tar iteration (the shards stay plain webdataset tars, readable by it; registering its
+s3:// opener is storage.py's business).
 
 Batches are dicts: `images` uint8 [b,C,H,W] (channels_last memory), `labels` int64 [b] (-1 without .cls), `positions`
 int64 [b] (global positions), `valid` bool [b] (False: a sample of a bad shard, zeros, mask it
@@ -21,29 +21,20 @@ in lock-step. Conversion to float happens on the GPU (`to_model_input`): 4x less
 from __future__ import annotations
 
 import collections
-import io
-import json
-import queue as queue_mod
-import threading
-from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from etsdm_dist import shards as S
 from etsdm_dist import storage
-
-from etsdm_dist.tarformat import key_at, parse_sample, split_name
-
-INDEX_FORMAT = "etsdm-shards/1"
-IMAGE_EXTS = ("png", "jpg", "jpeg")
-
-
-class ShardIndexError(ValueError):
-    """index.json is missing or malformed; the message names the URL and the field."""
+# The training loop, tests and bench/loader.py reach these through the loader (to_model_input,
+# ShardIndexError, load_index, decode_image, _Extent): they stay importable from here.
+from etsdm_dist.decode import decode_image, key_from_header, to_model_input  # noqa: F401
+from etsdm_dist.reads import MAX_READ_BYTES, _Extent, _ReadAhead
+from etsdm_dist.shard_index import (  # noqa: F401 - ShardIndexError: re-exported
+    IMAGE_EXTS, ShardIndex, ShardIndexError, load_index)
+from etsdm_dist.tarformat import key_at, parse_sample
 
 
 class ShardDataError(OSError):
@@ -54,218 +45,10 @@ class DataBudgetExceeded(RuntimeError):
     """More distinct bad shards than data.skip_budget; names them."""
 
 
-# --------------------------------------------------------------------------- index
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    name: str
-    samples: int
-    bytes: int
-    offsets: tuple[int, ...]
-    first_key: str | None = None
-    sha256: str | None = None
-
-
-@dataclass(frozen=True)
-class ShardIndex:
-    url: str  # the folder holding index.json and the shards
-    shards: tuple[ShardInfo, ...]
-    total_samples: int
-    resolution: tuple[int, int] | None
-    channels: int
-    image_format: str
-    label_map: dict | None
-    num_classes: int | None
-    fingerprint: Any = None
-
-    @property
-    def shard_samples(self) -> list[int]:
-        return [s.samples for s in self.shards]
-
-    def shard_url(self, i: int) -> str:
-        return storage.join(self.url, self.shards[i].name)
-
-
-def _field(d: dict, key: str, types, where: str, url: str):
-    if key not in d:
-        raise ShardIndexError(f"{url}: {where}: missing field {key!r}")
-    v = d[key]
-    if not isinstance(v, types) or (isinstance(v, bool) and types is int):
-        raise ShardIndexError(f"{url}: {where}{key}: expected {types}, got {v!r:.80}")
-    return v
-
-
-def parse_index(raw: dict, url: str) -> ShardIndex:
-    """Validate an index.json document; every error names the URL and the field."""
-    where = "index.json "
-    index_url = storage.join(url, "index.json")
-    if not isinstance(raw, dict):
-        raise ShardIndexError(f"{index_url}: expected a JSON object")
-    fmt = raw.get("format")
-    if fmt != INDEX_FORMAT:
-        raise ShardIndexError(f"{index_url}: field 'format' is {fmt!r}, expected {INDEX_FORMAT!r} "
-                          f"(rewrite the shards with `etsdm shard`)")
-    shards = []
-    for i, s in enumerate(_field(raw, "shards", list, where, index_url)):
-        w = f"shards[{i}]."
-        if not isinstance(s, dict):
-            raise ShardIndexError(f"{index_url}: {w[:-1]}: expected an object")
-        name = _field(s, "name", str, w, index_url)
-        n = _field(s, "samples", int, w, index_url)
-        size = _field(s, "bytes", int, w, index_url)
-        offs = _field(s, "offsets", list, w, index_url)
-        if n < 0 or len(offs) != n + 1:
-            raise ShardIndexError(f"{index_url}: {w}offsets: expected samples+1 = {n + 1} entries, got {len(offs)}")
-        if any(not isinstance(o, int) for o in offs) or any(b <= a for a, b in zip(offs, offs[1:])) \
-                or (offs and (offs[0] < 0 or offs[-1] > size)):
-            raise ShardIndexError(f"{index_url}: {w}offsets: must be increasing integers within [0, bytes={size}]")
-        if "/" in name or name in ("", ".", ".."):
-            raise ShardIndexError(f"{index_url}: {w}name: {name!r} is not a plain file name")
-        shards.append(ShardInfo(name, n, size, tuple(offs), s.get("first_key"), s.get("sha256")))
-    if not shards:
-        raise ShardIndexError(f"{index_url}: field 'shards' is empty")
-    total = _field(raw, "total_samples", int, where, index_url)
-    if total != sum(s.samples for s in shards) or total <= 0:
-        raise ShardIndexError(f"{index_url}: field 'total_samples' = {total} but the shards hold "
-                          f"{sum(s.samples for s in shards)}")
-    channels = _field(raw, "channels", int, where, index_url)
-    if channels not in (1, 3):
-        raise ShardIndexError(f"{index_url}: field 'channels' must be 1 or 3, got {channels}")
-    image_format = _field(raw, "image_format", str, where, index_url)
-    if image_format not in IMAGE_EXTS:
-        raise ShardIndexError(f"{index_url}: field 'image_format' must be png or jpg, got {image_format!r}")
-    res = raw.get("resolution")
-    if res is not None:
-        if not (isinstance(res, list) and len(res) == 2 and all(isinstance(x, int) and x > 0 for x in res)):
-            raise ShardIndexError(f"{index_url}: field 'resolution' must be [H, W] or null, got {res!r}")
-        res = (res[0], res[1])
-    return ShardIndex(url=url.rstrip("/"), shards=tuple(shards), total_samples=total, resolution=res,
-                      channels=channels, image_format=image_format, label_map=raw.get("label_map"),
-                      num_classes=raw.get("num_classes"), fingerprint=raw.get("fingerprint"))
-
-
-def load_index(url: str) -> ShardIndex:
-    """Read and validate URL/index.json (URL: the shard folder, local or s3:// / http(s)://)."""
-    url = url.rstrip("/")
-    if url.endswith("index.json"):
-        url = url[: -len("index.json")].rstrip("/")
-    index_url = storage.join(url, "index.json")
-    try:
-        raw = storage.read_json(index_url)
-    except FileNotFoundError as e:
-        raise ShardIndexError(f"no shard index at {index_url}: write the shards there with "
-                          f"`etsdm shard SRC {url}` (data.url must name the shard folder)") from e
-    except json.JSONDecodeError as e:
-        raise ShardIndexError(f"{index_url}: not valid JSON ({e})") from e
-    return parse_index(raw, url)
-
-
-# --------------------------------------------------------------------------- decode
-
-
-def decode_image(data: bytes, channels: int, formats: Sequence[str] | None = None) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 array [H, W, C] (one decode, one copy out of Pillow)."""
-    with Image.open(io.BytesIO(data), formats=formats) as img:
-        mode = "L" if channels == 1 else "RGB"
-        if img.mode != mode:
-            img = img.convert(mode)
-        arr = np.asarray(img)
-    return arr if arr.ndim == 3 else arr[:, :, None]
-
-
-def to_model_input(images: torch.Tensor, device: torch.device | str | None = None,
-                   dtype: torch.dtype = torch.float32,
-                   memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> float in [-1, 1] on `device`, in `memory_format`.
-
-    The uint8 batch crosses to the device first (4x less traffic than float32); the loader's
-    channels_last layout becomes `memory_format` there, fused with the conversion.
-    """
-    x = images.to(device, non_blocking=True) if device is not None else images
-    out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=memory_format)
-    return out.copy_(x).div_(127.5).sub_(1.0)
-
-
-def _tar_member_name(header: bytes) -> str:
-    """The member name in one 512-byte ustar header (for error messages only)."""
-    name = header[0:100].split(b"\0", 1)[0]
-    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
-    return (prefix + b"/" + name if prefix else name).decode("utf-8", "replace")
-
-
-def _split_key(member: str) -> str:
-    try:
-        return split_name(member)[0]
-    except ValueError:
-        return member
-
-
 # --------------------------------------------------------------------------- dataset
 
-
-class _ReadAhead:
-    """A few daemon threads running range reads. Daemon, unlike ThreadPoolExecutor's: a read
-    still retrying against a dead server must not hold up interpreter exit."""
-
-    def __init__(self, threads: int):
-        self.threads = threads
-        self._jobs: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
-        for i in range(threads):
-            threading.Thread(target=self._run, name=f"etsdm-read-{i}", daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            fut, fn, args = job
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn(*args))
-                except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                    fut.set_exception(e)
-
-    def submit(self, fn, *args) -> Future:
-        fut: Future = Future()
-        self._jobs.put((fut, fn, args))
-        return fut
-
-    def close(self) -> None:
-        for _ in range(self.threads):
-            self._jobs.put(None)
-
-
-MAX_READ_BYTES = 32 << 20  # the largest coalesced range read (one extent)
 GROUP_TARGET_BYTES = 8 << 20  # grouped worker items aim for range reads of about this size
 MAX_GROUP = 4  # at most this many micro-batches per DataLoader item
-
-
-class _Extent:
-    """One range read [lo, hi) of shard `shard`: the spans of one or more upcoming micro-batches
-    of this worker. `seq` numbers extents in read order."""
-
-    __slots__ = ("seq", "shard", "lo", "hi", "fut")
-
-    def __init__(self, seq: int, shard: int, lo: int, hi: int):
-        self.seq, self.shard, self.lo, self.hi, self.fut = seq, shard, lo, hi, None
-
-    def take(self, shard: int, lo: int, hi: int, max_bytes: int) -> bool:
-        """Grow to cover the span [lo, hi) if the coalescing rule allows it.
-
-        The rule: same shard, the span starts at or after the extent's end, the gap in between
-        (bytes of samples that are not this worker's: other ranks' or other workers') is at most
-        a quarter of the span's own bytes, and the extent stays within max_bytes (or the span
-        is alone). So at most 1/4 of the useful bytes of any read belong to other samples. With
-        the plan of shards.py the gap is 0 (one rank, a worker's consecutive micro-batches) or a
-        whole micro-batch of another rank or worker (never merged): in practice nothing of
-        another rank is read at all.
-        """
-        gap = lo - self.hi
-        if shard != self.shard or gap < 0 or 4 * gap > hi - lo or hi - self.lo > max_bytes:
-            return False
-        self.hi = hi
-        return True
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -499,7 +282,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             return ""
         try:
             header = storage.read_range(url, offset, offset + 512, retries=0, backoff_s=0.0)
-            return _split_key(_tar_member_name(header))
+            return key_from_header(header)
         except Exception:  # noqa: BLE001 - best effort, for the message only
             return ""
 
@@ -509,7 +292,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             key, out = parse_sample(buf, copy=False)  # memoryviews into the read buffer
         except Exception as e:  # noqa: BLE001 - corrupt tar data (TarFormatError names the key)
             key = getattr(e, "key", None) or (
-                _split_key(_tar_member_name(bytes(buf[:512]))) if len(buf) >= 512 else "")
+                key_from_header(bytes(buf[:512])) if len(buf) >= 512 else "")
             return key, None, f"corrupt tar data: {e}"
         if "jpg" not in out and "png" not in out and "jpeg" not in out:  # IMAGE_EXTS
             return key, None, f"no image member (.png/.jpg) among {sorted(out)}"

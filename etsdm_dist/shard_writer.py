@@ -24,8 +24,8 @@ import sys
 import tempfile
 
 from etsdm_dist import storage, tarformat
+from etsdm_dist.shard_index import INDEX_FORMAT
 
-FORMAT = "etsdm-shards/1"
 PROGRESS = "_progress.json"
 SKIPPED = "skipped.txt"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -383,7 +383,7 @@ def run(a: argparse.Namespace) -> dict:
     all_res = {tuple(r) for r in state.get("resolutions", [])}
     fp = hashlib.sha256("".join(f"{s['name']}:{s['sha256']}\n" for s in shards).encode())
     index = {
-        "format": FORMAT, "prefix": a.prefix, "shards": shards,
+        "format": INDEX_FORMAT, "prefix": a.prefix, "shards": shards,
         "total_samples": sum(s["samples"] for s in shards),
         "total_bytes": sum(s["bytes"] for s in shards),
         "resolution": list(next(iter(all_res))) if len(all_res) == 1 else None,

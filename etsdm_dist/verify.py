@@ -17,7 +17,7 @@ import sys
 import zlib
 
 from etsdm_dist import storage, tarformat
-from etsdm_dist.shard_writer import FORMAT
+from etsdm_dist.shard_index import INDEX_FORMAT as FORMAT
 
 MAX_REPORTED = 50
 

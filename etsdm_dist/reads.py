@@ -1,0 +1,80 @@
+"""Read planning for the loader: when byte ranges coalesce into one request; requests in flight.
+
+A micro-batch of one rank is a few contiguous runs of samples inside shards (shards.py), and
+each run is one byte range [offsets[first], offsets[first+count]) of its shard, from the
+per-sample offsets of index.json: an HTTP range request on s3:// or http://, a seek locally.
+Runs of upcoming micro-batches that are adjacent in a shard (one rank; a worker's group of
+consecutive micro-batches) are fetched as ONE larger read of up to MAX_READ_BYTES (`_Extent`):
+a server spends CPU per request, and object stores give bandwidth to concurrent requests, not
+to one long stream (`_ReadAhead`). Separate from loader.py because this is the I/O policy alone;
+what the bytes mean (samples, images, bad shards) is the loader's business. ShardStream._schedule
+walks the micro-batches and applies `_Extent.take`; both keep their underscore names because
+bench/loader.py reaches them as loader._Extent.
+"""
+from __future__ import annotations
+
+import queue as queue_mod
+import threading
+from concurrent.futures import Future
+
+
+class _ReadAhead:
+    """A few daemon threads running range reads. Daemon, unlike ThreadPoolExecutor's: a read
+    still retrying against a dead server must not hold up interpreter exit."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._jobs: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
+        for i in range(threads):
+            threading.Thread(target=self._run, name=f"etsdm-read-{i}", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fut, fn, args = job
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                    fut.set_exception(e)
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        self._jobs.put((fut, fn, args))
+        return fut
+
+    def close(self) -> None:
+        for _ in range(self.threads):
+            self._jobs.put(None)
+
+
+MAX_READ_BYTES = 32 << 20  # the largest coalesced range read (one extent)
+
+
+class _Extent:
+    """One range read [lo, hi) of shard `shard`: the spans of one or more upcoming micro-batches
+    of this worker. `seq` numbers extents in read order."""
+
+    __slots__ = ("seq", "shard", "lo", "hi", "fut")
+
+    def __init__(self, seq: int, shard: int, lo: int, hi: int):
+        self.seq, self.shard, self.lo, self.hi, self.fut = seq, shard, lo, hi, None
+
+    def take(self, shard: int, lo: int, hi: int, max_bytes: int) -> bool:
+        """Grow to cover the span [lo, hi) if the coalescing rule allows it.
+
+        The rule: same shard, the span starts at or after the extent's end, the gap in between
+        (bytes of samples that are not this worker's: other ranks' or other workers') is at most
+        a quarter of the span's own bytes, and the extent stays within max_bytes (or the span
+        is alone). So at most 1/4 of the useful bytes of any read belong to other samples. With
+        the plan of shards.py the gap is 0 (one rank, a worker's consecutive micro-batches) or a
+        whole micro-batch of another rank or worker (never merged): in practice nothing of
+        another rank is read at all.
+        """
+        gap = lo - self.hi
+        if shard != self.shard or gap < 0 or 4 * gap > hi - lo or hi - self.lo > max_bytes:
+            return False
+        self.hi = hi
+        return True
