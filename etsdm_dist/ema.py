@@ -123,7 +123,7 @@ class EMA:
 
     `model` is a DeepSpeed engine or a plain nn.Module. Until the image counter passes
     `start_images`, every EMA is a copy of the weights; afterwards each applied optimizer step
-    does ema = decay * ema + (1 - decay) * weights.
+    does ema = decay * ema + (1 - decay) * weights (as one lerp per decay).
     """
 
     def __init__(self, model, decays: list[float], start_images: int = 0):
@@ -147,14 +147,15 @@ class EMA:
     @torch.no_grad()
     def update(self, images_seen: int) -> None:
         """After an applied optimizer step; `images_seen` is the counter including that batch."""
+        # One fused pass per decay over all fragments: lerp reads ema and src once and writes ema
+        # once (ema += (1 - decay) * (src - ema)), where mul_ + add_ made two passes over the EMA.
+        # The sources are views of the fp32 masters (no copies), so this is the whole per-step cost.
         src = self._sources()
         for decay, ema in zip(self.decays, self._ema):
             if images_seen <= self.start_images:
-                for e, s in zip(ema, src):
-                    e.copy_(s)
+                torch._foreach_copy_(ema, src)
             else:
-                torch._foreach_mul_(ema, decay)
-                torch._foreach_add_(ema, src, alpha=1.0 - decay)
+                torch._foreach_lerp_(ema, src, 1.0 - decay)
         self.num_updates += 1
         self.images = int(images_seen)
 

@@ -10,6 +10,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/s3server.py importable
 
+# One intra-op thread everywhere: tests compare in-process steps with ranks in subprocesses bit for
+# bit, and a conv/matmul split over a different number of threads rounds differently. (Ranks get
+# OMP_NUM_THREADS=1 from the harness; this makes the pytest process match whatever order tests run.)
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 from s3server import SeaweedServer  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
