@@ -10,9 +10,7 @@ with the same loss code (E-TSDM-conditioned eps-MSE) and AdamW with gradient cli
                counter + valid-sample masking + EMA update + the per-step all-reduce of stop/NaN flags
 
 All sides use torch's default AdamW on CPU (what the engine's generated config selects there); on
-GPU plain uses torch's fused AdamW and ours DeepSpeed's FusedAdam. On CPU, build_engine also makes
-glibc malloc keep freed large blocks (engine.keep_freed_memory_on_cpu); that is process-wide, so
-it applies to every side alike (ETSDM_CPU_MALLOC_TUNE=0 turns it off for a before/after).
+GPU plain uses torch's fused AdamW and ours DeepSpeed's FusedAdam.
 
 Rounds alternate between the sides (plain, plain+EMA, ours, plain, ...) so a noisy shared machine hurts
 all alike; the per-step time is the median over rounds. Two ratios are printed:
