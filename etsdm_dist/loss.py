@@ -78,14 +78,20 @@ class BucketStats(NamedTuple):
 
 
 def bucket_losses(per_sample_loss: torch.Tensor, t: torch.Tensor, schedule: Schedule,
-                  t_tilde: float, num_buckets: int = 10) -> BucketStats:
-    """Pure helper for training stats; mean loss of bucket i is sums[i] / counts[i]."""
+                  t_tilde: float, num_buckets: int = 10,
+                  weight: torch.Tensor | None = None) -> BucketStats:
+    """Pure helper for training stats; mean loss of bucket i is sums[i] / counts[i].
+
+    `weight` (0/1 per sample, e.g. the loader's `valid` mask) leaves samples out without boolean
+    indexing, which would force a host-device sync every micro-step on a GPU."""
     if num_buckets < 1:
         raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
     if per_sample_loss.shape != t.shape or t.dim() != 1:
         raise ValueError("per_sample_loss and t must both have shape [B]")
     loss = per_sample_loss.detach().to(torch.float64)
     dev = loss.device
+    w = torch.ones_like(loss) if weight is None else weight.to(device=dev, dtype=torch.float64)
+    loss = torch.where(w > 0, loss, torch.zeros_like(loss)) * w  # a NaN of a left-out sample stays out
     if schedule.time == "discrete":
         T = schedule.num_timesteps
         # Integer arithmetic: bucket edges i*T/num_buckets need not be integers.
@@ -96,8 +102,7 @@ def bucket_losses(per_sample_loss: torch.Tensor, t: torch.Tensor, schedule: Sche
         span = 1.0
     b = b.clamp_(0, num_buckets - 1)
     sums = torch.zeros(num_buckets, dtype=torch.float64, device=dev).index_add_(0, b, loss)
-    counts = torch.zeros(num_buckets, dtype=torch.float64, device=dev).index_add_(
-        0, b, torch.ones_like(loss))
-    early = t.to(device=dev, dtype=torch.float64) < float(t_tilde)
+    counts = torch.zeros(num_buckets, dtype=torch.float64, device=dev).index_add_(0, b, w)
+    early = (t.to(device=dev, dtype=torch.float64) < float(t_tilde)).to(torch.float64) * w
     edges = torch.linspace(0.0, span, num_buckets + 1, dtype=torch.float64, device=dev)
-    return BucketStats(sums, counts, (loss * early).sum(), early.sum().to(torch.float64), edges)
+    return BucketStats(sums, counts, (loss * early).sum(), early.sum(), edges)

@@ -347,7 +347,8 @@ def training_loop(cfg, local_rank_arg: int | None = None) -> int:
         engine_mod.set_lr(engine, engine_mod.lr_at(cfg, cur_images + B))
         torch.manual_seed(_mix(t_cfg.seed, cur_images, rank))  # dropout etc.: reproducible on resume
         step_sum = torch.zeros(2, dtype=torch.float64, device=device)  # valid-sample loss sum, count
-        nonfinite = False
+        # Counted on the device: a Python bool here would sync host and GPU every micro-step.
+        nonfinite = torch.zeros((), dtype=torch.float64, device=device)
         for _ in range(accum):
             t0 = time.perf_counter()
             batch = None
@@ -379,17 +380,17 @@ def training_loop(cfg, local_rank_arg: int | None = None) -> int:
             loss = (per_sample * vf).sum() / vf.sum().clamp(min=1.0)
             engine_mod.engine_micro_step(engine, loss)
             detached = per_sample.detach()
-            nonfinite |= not bool(torch.isfinite(detached[valid]).all())
-            step_sum[0] += (detached.double() * vf.double()).sum()
+            nonfinite += (~torch.isfinite(detached) & valid).sum()
+            step_sum[0] += torch.where(valid, detached.double(), 0.0).sum()
             step_sum[1] += vf.double().sum()
-            if valid.any():
-                acc.add(bucket_losses(detached[valid], t[valid], schedule, t_tilde))
+            acc.add(bucket_losses(detached, t, schedule, t_tilde, weight=vf))
         ema.update(cur_images + B)
         cur_images += B
 
         # One small all-reduce per step: every rank learns the same stop / NaN decision.
-        flags = torch.tensor([1.0 if preempt.signum is not None else 0.0, 1.0 if nonfinite else 0.0,
+        flags = torch.tensor([1.0 if preempt.signum is not None else 0.0, 0.0,
                               1.0 if data_error is not None else 0.0], dtype=torch.float64, device=device)
+        flags[1] = (nonfinite > 0).to(torch.float64)
         agreed = dist.all_reduce(torch.cat([flags, step_sum]), "sum").cpu()
         step_loss = float(agreed[3] / agreed[4]) if agreed[4] > 0 else float("nan")
         if step_log:
