@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,7 +149,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check / convert one value against a dataclass field type; errors name the field."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
