@@ -65,16 +65,14 @@ class _Extent:
     def take(self, shard: int, lo: int, hi: int, max_bytes: int) -> bool:
         """Grow to cover the span [lo, hi) if the coalescing rule allows it.
 
-        The rule: same shard, the span starts at or after the extent's end, the gap in between
-        (bytes of samples that are not this worker's: other ranks' or other workers') is at most
-        a quarter of the span's own bytes, and the extent stays within max_bytes (or the span
-        is alone). So at most 1/4 of the useful bytes of any read belong to other samples. With
-        the plan of shards.py the gap is 0 (one rank, a worker's consecutive micro-batches) or a
-        whole micro-batch of another rank or worker (never merged): in practice nothing of
-        another rank is read at all.
+        The rule: same shard, the span starts exactly at the extent's end, and the extent stays
+        within max_bytes (or the span is alone). Only adjacent spans merge: with the plan of
+        shards.py that is one rank's or one worker's consecutive micro-batches. A gap is always
+        another rank's or worker's samples, and even a small one is never read (sample sizes vary,
+        so a "small gap" rule let a short micro-batch of another rank slip into a read).
         """
         gap = lo - self.hi
-        if shard != self.shard or gap < 0 or 4 * gap > hi - lo or hi - self.lo > max_bytes:
+        if shard != self.shard or gap != 0 or hi - self.lo > max_bytes:
             return False
         self.hi = hi
         return True
