@@ -21,6 +21,7 @@ in lock-step. Conversion to float happens on the GPU (`to_model_input`): 4x less
 from __future__ import annotations
 
 import collections
+import weakref
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -80,6 +81,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         self._formats = ["JPEG"] if ext in ("jpg", "jpeg") else ["PNG"]
         self._shape: tuple[int, int, int] | None = (
             (index.channels, *index.resolution) if index.resolution else None)
+        self._aheads: weakref.WeakSet = weakref.WeakSet()  # this process's live read-aheads
+
+    def __getstate__(self):  # to spawned workers: read-aheads belong to one process
+        state = dict(self.__dict__)
+        state["_aheads"] = weakref.WeakSet()
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._aheads = weakref.WeakSet()
 
     # -- iteration
 
@@ -102,6 +113,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         # possible (_Extent.take): fewer, larger requests, which cost the server far less CPU per
         # byte. Memory: at most (read_ahead + 1) extents of <= max_read_bytes each.
         ahead = _ReadAhead(max(1, self.read_ahead))
+        self._aheads.add(ahead)
         try:
             schedule = self._schedule(plan, w, k)
             pending: collections.deque = collections.deque()  # (j, parts): extents submitted
@@ -127,6 +139,13 @@ class ShardStream(torch.utils.data.IterableDataset):
                 del parts
                 yield self._assemble(plan, j, fetched)
         finally:
+            ahead.close()
+            self._aheads.discard(ahead)
+
+    def close_reads(self) -> None:
+        """Stop this process's read-ahead now (ShardLoader.close): a suspended generator would
+        otherwise keep its reads going until the garbage collector reaches it."""
+        for ahead in list(self._aheads):
             ahead.close()
 
     def _schedule(self, plan: S.ShardPlan, w: int, k: int) -> Iterator:
@@ -394,6 +413,7 @@ class ShardLoader:
         self._group.clear()
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
+        self.dataset.close_reads()
 
 
 def _as_is(item):

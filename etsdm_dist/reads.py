@@ -25,8 +25,13 @@ class _ReadAhead:
     def __init__(self, threads: int):
         self.threads = threads
         self._jobs: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
-        for i in range(threads):
-            threading.Thread(target=self._run, name=f"etsdm-read-{i}", daemon=True).start()
+        self._queued: set[Future] = set()  # submitted, not yet finished: what close() cancels
+        self._lock = threading.Lock()
+        self._closed = False
+        self._workers = [threading.Thread(target=self._run, name=f"etsdm-read-{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._workers:
+            t.start()
 
     def _run(self) -> None:
         while True:
@@ -39,15 +44,33 @@ class _ReadAhead:
                     fut.set_result(fn(*args))
                 except BaseException as e:  # noqa: BLE001 - handed to the consumer
                     fut.set_exception(e)
+            with self._lock:
+                self._queued.discard(fut)
 
     def submit(self, fn, *args) -> Future:
         fut: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("read-ahead is closed")
+            self._queued.add(fut)
         self._jobs.put((fut, fn, args))
         return fut
 
-    def close(self) -> None:
-        for _ in range(self.threads):
+    def close(self, wait_s: float = 5.0) -> None:
+        """No read starts after this returns: queued reads are cancelled, and reads already
+        running get up to `wait_s` to finish (a read retrying against a dead server is left to
+        its daemon thread). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fut in self._queued:
+                fut.cancel()  # False for a running read: that one is waited for below
+        for _ in self._workers:
             self._jobs.put(None)
+        for t in self._workers:
+            if t is not threading.current_thread():
+                t.join(wait_s)
 
 
 MAX_READ_BYTES = 32 << 20  # the largest coalesced range read (one extent)

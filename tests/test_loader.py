@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import tarfile
 from dataclasses import replace
 
@@ -362,6 +363,28 @@ def test_reads_never_touch_other_ranks_samples(shards_dir, monkeypatch, W, r, b)
         offs = idx["shards"][s]["offsets"]
         for i in range(offs.index(lo), offs.index(hi)):
             assert (s, i) in mine, f"read sample {i} of shard {s}, which is another rank's"
+
+
+def test_close_stops_read_ahead(shards_dir, monkeypatch):
+    """After close() returns no read starts: queued read-ahead is cancelled and running reads
+    are waited for. (Reads of a closed loader used to go on in its threads and land in the
+    next test's spy: the once-flaky test above.)"""
+    from etsdm_dist import storage
+    d, _ = shards_dir
+    real, calls = storage.read_range, []
+
+    def slow(path, start, end, **kw):
+        calls.append(start)
+        time.sleep(0.05)
+        return real(path, start, end, **kw)
+
+    monkeypatch.setattr(storage, "read_range", slow)
+    ld = loader(d, seed=1, B=4, W=2, r=1, b=1, read_ahead=4)
+    take(ld, 3)
+    ld.close()
+    n = len(calls)
+    time.sleep(0.4)
+    assert len(calls) == n
 
 
 def test_grouped_worker_items_keep_the_order_and_resume(shards_dir):
