@@ -12,11 +12,13 @@ with the same loss code (E-TSDM-conditioned eps-MSE) and AdamW with gradient cli
 All sides use torch's default AdamW on CPU (what the engine's generated config selects there); on
 GPU plain uses torch's fused AdamW and ours DeepSpeed's FusedAdam.
 
-Rounds alternate between the sides (plain, plain+EMA, ours, plain, ...) so a noisy shared machine hurts
-all alike; the per-step time is the median over rounds. Two ratios are printed:
+Steps interleave one at a time (plain, plain+EMA, ours; the order rotating every iteration) so a
+noisy shared machine hurts all sides alike; per-step times are medians over all timed steps, and
+each overhead is the median over iterations of the ratio of neighbouring steps:
   overhead vs plain        ours / plain - 1          (the headline; target <= 10%)
   overhead vs plain + EMA  ours / (plain + EMA) - 1  (the engine alone, with the EMA's cost removed)
-Data loading is excluded on purpose (bench/loader.py measures it).
+Data loading is excluded by default (bench/loader.py measures it); `--data URL` feeds every step
+of every side from shards through our loader instead (the issue's "with data from shards").
 
 On a GPU it also reports images/s, model FLOP utilisation and peak memory. MFU counts the network's
 forward FLOPs per image (network.flops_per_image: matmul/conv/attention by torch's FlopCounterMode)
@@ -62,6 +64,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the first round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--data", default=None, metavar="URL",
+                   help="feed every side's steps from these shards (path or s3://, made by `etsdm shard`) "
+                        "through our loader with data.num_workers workers, instead of one in-memory "
+                        "batch: the time includes waiting for data")
     args = p.parse_args(argv)
 
     os.environ.setdefault("RANK", "0")
@@ -74,7 +80,7 @@ def main(argv=None) -> int:
     from etsdm_dist.ema import EMA
     from etsdm_dist.loss import diffusion_loss
     from etsdm_dist.network import count_parameters, flops_per_image
-    from etsdm_dist.training_loop import _EngineModel, _mix, _param_dtype, build_model, build_schedule
+    from etsdm_dist.training_loop import _EngineModel, _mix, _param_dtype, build_model, build_schedule, make_engine
 
     over = list(args.overrides)
     if args.batch:
@@ -92,8 +98,24 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.train.seed)
     our_model = build_model(cfg)
     res, ch = plain_model.net.config.resolution, plain_model.net.config.in_channels
-    x0 = (torch.rand(B, ch, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
+    x_fixed = (torch.rand(B, ch, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
     valid = torch.ones(B, dtype=torch.bool, device=device)
+    loader = None
+    if args.data:
+        from etsdm_dist.loader import load_index, make_loader, to_model_input
+
+        index = load_index(args.data)
+        if index.resolution and (index.channels, *index.resolution) != (ch, res, res):
+            raise SystemExit(f"--data {args.data}: images are {index.channels}x{index.resolution}, "
+                             f"the network takes {ch}x{res}x{res} (network.in_channels / network.resolution)")
+        loader = make_loader(cfg.data, index, seed=cfg.train.seed, start_position=0, batch_images=B,
+                             world_size=1, rank=0, micro_batch_images=B)
+
+    def next_x0() -> torch.Tensor:
+        """The step's images: the next loader batch (shared by all sides, in turn) or the fixed one."""
+        if loader is None:
+            return x_fixed
+        return to_model_input(next(loader)["images"], device, torch.float32)
 
     # ---- plain PyTorch
     o = cfg.optim
@@ -101,10 +123,15 @@ def main(argv=None) -> int:
                             weight_decay=o.weight_decay, fused=device.type == "cuda" or None)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
+    # network.compile: torch.compile on both sides (ours through DeepSpeed's engine.compile, as
+    # the training loop does); the warm-up steps absorb the compilation.
+    plain_fn = torch.compile(plain_model) if cfg.network.compile else plain_model
+
     def plain_step(i: int) -> None:
         gen = torch.Generator(device=device).manual_seed(_mix(1, i))
+        x0 = next_x0()
         with autocast:
-            per, _ = diffusion_loss(plain_model, x0, schedule, generator=gen)
+            per, _ = diffusion_loss(plain_fn, x0, schedule, generator=gen)
         loss = per.mean()
         loss.backward()
         if o.grad_clip:
@@ -124,7 +151,7 @@ def main(argv=None) -> int:
                 torch._foreach_lerp_(ema_list, src, 1.0 - float(decay))
 
     # ---- ours (the loop's per-step work, minus data loading)
-    engine = engine_mod.build_engine(cfg, our_model, 1)
+    engine = make_engine(cfg, our_model, 1)  # the loop's: bf16 dtype fix-up, compile
     ema = EMA.from_config(engine, cfg)
     model_fn = _EngineModel(engine, our_model.settings, dtype)
     images = [0]
@@ -132,7 +159,7 @@ def main(argv=None) -> int:
     def our_step(i: int) -> None:
         engine_mod.set_lr(engine, engine_mod.lr_at(cfg, images[0] + B))
         gen = torch.Generator(device=device).manual_seed(_mix(1, i))
-        per, t = diffusion_loss(model_fn, x0, schedule, generator=gen)
+        per, t = diffusion_loss(model_fn, next_x0(), schedule, generator=gen)
         vf = valid.to(per.dtype)
         loss = (per * vf).sum() / vf.sum().clamp(min=1.0)
         engine_mod.engine_micro_step(engine, loss)
@@ -159,20 +186,30 @@ def main(argv=None) -> int:
         our_step(i)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    plain_t, plain_ema_t, our_t = [], [], []
+    # Interleaved one step at a time, the order rotating each iteration: a shared machine's slow
+    # spells then land on all sides alike, and each ratio is taken between neighbouring steps.
+    sides = [plain_step, plain_ema_step, our_step]
+    per_step: list[list[float]] = [[] for _ in sides]  # [side][iteration]
     for r in range(args.rounds):
-        plain_t.append(timed(plain_step, args.steps, 1000 * (r + 1)))
-        plain_ema_t.append(timed(plain_ema_step, args.steps, 1000 * (r + 1)))
-        our_t.append(timed(our_step, args.steps, 1000 * (r + 1)))
-    tp, tpe, to = statistics.median(plain_t), statistics.median(plain_ema_t), statistics.median(our_t)
+        for i in range(args.steps):
+            it = 1000 * (r + 1) + i
+            for k in range(len(sides)):
+                s = (k + i) % len(sides)
+                per_step[s].append(timed(sides[s], 1, it))
+    plain_t, plain_ema_t, our_t = (
+        [statistics.median(ts[r * args.steps:(r + 1) * args.steps]) for r in range(args.rounds)]
+        for ts in per_step)
+    tp, tpe, to = (statistics.median(ts) for ts in per_step)
+    ratio = statistics.median(o / p for o, p in zip(per_step[2], per_step[0]))
+    ratio_ema = statistics.median(o / p for o, p in zip(per_step[2], per_step[1]))
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "precision": cfg.train.precision, "zero_stage": cfg.train.zero_stage,
         "preset": cfg.network.preset, "params_M": count_parameters(plain_model.net) / 1e6,
-        "batch_images": B, "steps_per_round": args.steps, "rounds": args.rounds,
+        "batch_images": B, "compile": cfg.network.compile, "data": args.data or "one in-memory batch", "steps_per_round": args.steps, "rounds": args.rounds,
         "ema_decays": list(cfg.train.ema_decays),
         "plain_s_per_step": tp, "plain_ema_s_per_step": tpe, "ours_s_per_step": to,
-        "overhead_pct": 100 * (to / tp - 1), "overhead_vs_plain_ema_pct": 100 * (to / tpe - 1),
+        "overhead_pct": 100 * (ratio - 1), "overhead_vs_plain_ema_pct": 100 * (ratio_ema - 1),
         "plain_rounds_s": plain_t, "plain_ema_rounds_s": plain_ema_t, "ours_rounds_s": our_t,
         "plain_img_s": B / tp, "plain_ema_img_s": B / tpe, "ours_img_s": B / to,
     }
@@ -190,7 +227,7 @@ def main(argv=None) -> int:
             result["ours_mfu_pct"] = 100 * 3 * flops * (B / to) / (peak * 1e12)
         result["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
     print(f"device {result['device']}  {result['precision']} ZeRO-{result['zero_stage']}  "
-          f"preset {result['preset']} ({result['params_M']:.2f}M params)  batch {B}")
+          f"preset {result['preset']} ({result['params_M']:.2f}M params)  batch {B}  data: {result['data']}")
     n_ema = len(cfg.train.ema_decays)
     rows = [("plain PyTorch", tp, plain_t), (f"plain + EMA x{n_ema} (torch._foreach_lerp_)", tpe, plain_ema_t),
             (f"etsdm engine (EMA x{n_ema})", to, our_t)]
@@ -202,6 +239,8 @@ def main(argv=None) -> int:
     print(f"{'overhead vs plain':<{width}}: {result['overhead_pct']:+.1f}%  (target <= 10%: {verdict})")
     print(f"{'overhead vs plain + EMA':<{width}}: {result['overhead_vs_plain_ema_pct']:+.1f}%  "
           f"(the engine alone; the EMA itself costs {100 * (tpe / tp - 1):+.1f}% on the plain loop)")
+    print(f"{'':<{width}}  (medians over {args.rounds * args.steps} interleaved steps per side; "
+          f"rounds = per-round medians)")
     if "ours_mfu_pct" in result:
         print(f"{'MFU':<{width}}: plain {result['plain_mfu_pct']:.1f}%  ours {result['ours_mfu_pct']:.1f}%  "
               f"(3 x {flops / 1e9:.2f} GFLOP/img over {result['peak_tflops_used']} TFLOP/s {result['peak_precision']} dense)")
@@ -209,6 +248,8 @@ def main(argv=None) -> int:
         print(f"{'peak memory':<{width}}: {result['peak_mem_GiB']:.2f} GiB (torch.cuda.max_memory_allocated)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
+    if loader is not None:
+        loader.close()
     return 0
 
 

@@ -207,6 +207,28 @@ def skip_shm_comm_jit() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def keep_freed_host_memory() -> bool:
+    """Let glibc keep freed large blocks for reuse (process-wide; Linux/glibc only).
+
+    When the optimizer steps on the host (CPU training, optimizer offload), DeepSpeed's flat
+    partitions make every temporary of an Adam step or a gradient copy one partition-sized block.
+    glibc serves blocks above its mmap threshold with fresh mmap()s and unmaps them on free, so
+    each step page-faults those bytes in again: measured on the 35.7M preset, ZeRO-1 optimizer step
+    574 -> 242 ms per step with this. Blocks then come from the heap and stay mapped (up to 1 GiB
+    free at its top before it is trimmed)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):  # not glibc (musl, ...): leave the allocator alone
+        return False
+
+
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, *,
                  load_universal: bool = False):
     """deepspeed.initialize on `model` with the generated config; returns the engine."""
@@ -221,9 +243,14 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, *,
         for p in model.parameters():
             if not p.data.is_contiguous():
                 p.data = p.data.contiguous()
+    if cpu or cfg.optim.offload:
+        keep_freed_host_memory()
     ds_cfg = deepspeed_config(cfg, world_size, load_universal=load_universal, cpu=cpu)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
+    if (engine.gradient_clipping() > 0 and not engine.zero_optimization()
+            and not (engine.fp16_enabled() or engine.bfloat16_enabled())):
+        _record_clip_norm(engine)
     if cfg.network.channels_last and cfg.train.zero_stage == 0:
         # Only without ZeRO. ZeRO-1/2 copy gradients into flat buckets with grad.view(-1), which
         # raises for channels_last gradients (seen with DeepSpeed 0.19.8), and re-point weights at
@@ -233,14 +260,26 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, *,
     return engine
 
 
-def _local_grad_norm(engine) -> float:
-    """2-norm of the (already all-reduced) module gradients; for ZeRO-0 fp32, where DeepSpeed's
-    plain torch optimizer records no norm."""
-    sq = torch.zeros((), dtype=torch.float64)
-    for p in engine.module.parameters():
-        if p.grad is not None:
-            sq += p.grad.detach().double().pow(2).sum().cpu()
-    return float(sq.sqrt())
+def _local_grad_norm(engine) -> torch.Tensor:
+    """2-norm of the (already all-reduced) module gradients, as a device tensor (read at report
+    time, no host sync per step); for ZeRO-0 without clipping, where DeepSpeed computes none."""
+    grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+
+
+def _record_clip_norm(engine) -> None:
+    """ZeRO-0 fp32 with clipping: DeepSpeed's clip_fp32_gradients computes the global norm and
+    drops it. Keep it instead of a second pass over every gradient (same call as DeepSpeed's)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients():
+        engine._etsdm_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                  max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+    engine._etsdm_clip_records_norm = True
 
 
 def engine_micro_step(engine, loss: torch.Tensor) -> bool:
@@ -250,7 +289,8 @@ def engine_micro_step(engine, loss: torch.Tensor) -> bool:
     """
     boundary = engine.is_gradient_accumulation_boundary()
     engine.backward(loss)
-    if boundary and not hasattr(engine.optimizer, "_global_grad_norm"):
+    if (boundary and not hasattr(engine.optimizer, "_global_grad_norm")
+            and not getattr(engine, "_etsdm_clip_records_norm", False)):
         engine._etsdm_grad_norm = _local_grad_norm(engine)
     engine.step()
     return bool(boundary and engine.was_step_applied())

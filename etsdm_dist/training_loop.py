@@ -151,6 +151,32 @@ def _invalid_batch(index, micro: int, position: int) -> dict:
 # --------------------------------------------------------------------------- dry run
 
 
+def make_engine(cfg, model, world_size: int, *, load_universal: bool = False):
+    """The DeepSpeed engine of the loop (and of bench/train.py): the network's stored dtypes made
+    fit for ZeRO's flat buffers, deepspeed.initialize, then torch.compile when asked."""
+    from . import engine as engine_mod
+
+    if _param_dtype(cfg) != torch.float32 and cfg.train.zero_stage >= 1:
+        # FIX (found by tests/test_training_faults.py): with the time-MLP stored in fp32, a bf16
+        # ZeRO-1/2 run trained entirely in fp32 and a bf16 ZeRO-3 run crashed at initialize.
+        # DeepSpeed (0.19.8) casts parameters one by one (p.data = ...), then module.to(device)
+        # runs TimeEmbedding._apply, which turns the time-MLP back to fp32. ZeRO-1/2 then flatten
+        # the mixed bf16+fp32 group with torch.cat (promotes to fp32) and re-point EVERY parameter
+        # at that fp32 buffer (UNet.forward follows the weight dtype); ZeRO-3's defragment asserts
+        # one dtype. ZeRO's flat buffers need one parameter dtype: store the time path in
+        # bf16/fp16 like the rest. It still COMPUTES in fp32 (TimeEmbedding up-casts its weights,
+        # autocast off), and its fp32 masters (and the EMA) live in the optimizer as for every
+        # other parameter. ZeRO-0's unfused wrapper keeps one fp32 copy per parameter and copes
+        # with mixed dtypes, so there the time path stays stored in fp32.
+        model.net.keep_time_path_fp32(False)
+    engine = engine_mod.build_engine(cfg, model, world_size, load_universal=load_universal)
+    if cfg.network.compile:
+        # DeepSpeed's own compile keeps parameter names (checkpoints stay loadable either way) and
+        # knows ZeRO-3's gather hooks; the first steps pay the compilation time.
+        engine.compile()
+    return engine
+
+
 def describe_layout(cfg, launch: dist.Launch, world_size: int) -> str:
     from . import shards
 
@@ -254,25 +280,9 @@ def training_loop(cfg, local_rank_arg: int | None = None) -> int:
     universal = bool(manifest is not None and checkpoint.needs_universal(manifest, cfg, world))
     if universal:
         log("checkpoint was written under another world size / ZeRO stage: loading it as universal")
-    if _param_dtype(cfg) != torch.float32 and t_cfg.zero_stage >= 1:
-        # FIX (found by tests/test_training_faults.py): with the time-MLP stored in fp32, a bf16
-        # ZeRO-1/2 run trained entirely in fp32 and a bf16 ZeRO-3 run crashed at initialize.
-        # DeepSpeed (0.19.8) casts parameters one by one (p.data = ...), then module.to(device)
-        # runs TimeEmbedding._apply, which turns the time-MLP back to fp32. ZeRO-1/2 then flatten
-        # the mixed bf16+fp32 group with torch.cat (promotes to fp32) and re-point EVERY parameter
-        # at that fp32 buffer (UNet.forward follows the weight dtype); ZeRO-3's defragment asserts
-        # one dtype. ZeRO's flat buffers need one parameter dtype: store the time path in
-        # bf16/fp16 like the rest. It still COMPUTES in fp32 (TimeEmbedding up-casts its weights,
-        # autocast off), and its fp32 masters (and the EMA) live in the optimizer as for every
-        # other parameter. ZeRO-0's unfused wrapper keeps one fp32 copy per parameter and copes
-        # with mixed dtypes, so there the time path stays stored in fp32.
-        model.net.keep_time_path_fp32(False)
-    engine = engine_mod.build_engine(cfg, model, world, load_universal=universal)
+    engine = make_engine(cfg, model, world, load_universal=universal)
     dtype = _param_dtype(cfg)
     if cfg.network.compile:
-        # DeepSpeed's own compile keeps parameter names (checkpoints stay loadable either way) and
-        # knows ZeRO-3's gather hooks; the first steps pay the compilation time.
-        engine.compile()
         log("network compiled with torch.compile (first steps include compilation time)")
 
     # ---- Phase 5: EMA of the weights (one copy per decay).

@@ -116,6 +116,14 @@ def launch_cmd(cmd: Sequence[str], log_dir: Path, *, timeout_s: float = 240, env
     return _wait_all([proc], timeout_s, poll)
 
 
+def launch_cmds(cmds: Sequence[tuple[Sequence[str], dict]], log_dir: Path, *, timeout_s: float = 240,
+                poll: Callable[[list[_Proc]], None] | None = None) -> Result:
+    """Run several launcher command lines together (one per simulated node), each with its env."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = [_start(cmd, base_env(**env), log_dir / f"node{i}.log") for i, (cmd, env) in enumerate(cmds)]
+    return _wait_all(procs, timeout_s, poll)
+
+
 def read_step_log(path) -> list[tuple[int, float]]:
     """ETSDM_STEP_LOG lines -> [(images, loss)], loss exact (written as float.hex)."""
     out = []
