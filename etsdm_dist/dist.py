@@ -133,6 +133,30 @@ def _int(env: Mapping[str, str], *names: str, default: int | None = None) -> int
     return default
 
 
+def _srun_task(env: Mapping[str, str], addr: str | None, port: int | None) -> Launch | None:
+    """The layout of a task started by srun (not the batch script or another non-srun step)."""
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+    if "SLURM_PROCID" in env and step is not None and step not in _SLURM_NON_SRUN_STEPS:
+        rank = _int(env, "SLURM_PROCID")
+        world = _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
+        local = _int(env, "SLURM_LOCALID", default=0)
+        node = _int(env, "SLURM_NODEID", default=0)
+        spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+        per_node = slurm_tasks_per_node(spec) if spec else None
+        local_world = per_node[node] if per_node and node < len(per_node) else world
+        if addr is None:
+            nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if not nodes:
+                raise ValueError("SLURM_PROCID is set but no SLURM_JOB_NODELIST: cannot find rank 0's host")
+            addr = expand_nodelist(nodes)[0]
+        if port is None:
+            # Same on every task, different between concurrent jobs sharing a node.
+            # Below Linux's ephemeral range (32768+), where an outgoing connection could hold it.
+            port = 15000 + _int(env, "SLURM_JOB_ID", "SLURM_JOBID", default=0) % 15000
+        return Launch(rank, world, local, local_world, node, addr, port, "slurm")
+    return None
+
+
 def parse_launch(env: Mapping[str, str], local_rank_arg: int | None = None) -> Launch:
     """The launch layout from an environment mapping (pure; see the module docstring)."""
     port = _int(env, "MASTER_PORT")
@@ -155,33 +179,25 @@ def parse_launch(env: Mapping[str, str], local_rank_arg: int | None = None) -> L
         local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", default=1)
         return Launch(rank, world, local, local_world, rank // local_world, addr, port, "openmpi")
 
+    slurm = _srun_task(env, addr, port)
     if "PMI_RANK" in env or "PMIX_RANK" in env:
         rank = _int(env, "PMI_RANK", "PMIX_RANK")
-        world = _int(env, "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+        world = _int(env, "PMI_SIZE", "PMIX_SIZE")
+        # srun --mpi=pmi2/pmix (a common MpiDefault) exports PMI variables too: then they describe
+        # the same tasks as SLURM_*, and only SLURM_* know the local ranks. mpiexec inside an
+        # allocation differs (SLURM_PROCID is its proxy's node index): the numbers disagree.
+        if slurm is not None and rank == slurm.rank and world in (None, slurm.world_size):
+            return slurm
+        if world is None:
+            world = _int(env, "MPI_LOCALNRANKS")
         if world is None:
             raise ValueError("PMI_RANK is set but PMI_SIZE is not; cannot tell the world size")
         local = _int(env, "MPI_LOCALRANKID", "PALS_LOCAL_RANKID", default=0)
         local_world = _int(env, "MPI_LOCALNRANKS", "PALS_LOCAL_SIZE", default=1)
         return Launch(rank, world, local, local_world, rank // local_world, addr, port, "mpich")
 
-    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
-    if "SLURM_PROCID" in env and step is not None and step not in _SLURM_NON_SRUN_STEPS:
-        rank = _int(env, "SLURM_PROCID")
-        world = _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
-        local = _int(env, "SLURM_LOCALID", default=0)
-        node = _int(env, "SLURM_NODEID", default=0)
-        spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
-        per_node = slurm_tasks_per_node(spec) if spec else None
-        local_world = per_node[node] if per_node and node < len(per_node) else world
-        if addr is None:
-            nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-            if not nodes:
-                raise ValueError("SLURM_PROCID is set but no SLURM_JOB_NODELIST: cannot find rank 0's host")
-            addr = expand_nodelist(nodes)[0]
-        if port is None:
-            # Same on every task, different between concurrent jobs sharing a node.
-            port = 15000 + _int(env, "SLURM_JOB_ID", "SLURM_JOBID", default=0) % 20000
-        return Launch(rank, world, local, local_world, node, addr, port, "slurm")
+    if slurm is not None:
+        return slurm
 
     return Launch(0, 1, local_rank_arg or 0, max((local_rank_arg or 0) + 1, 1), 0, addr or "127.0.0.1", port,
                   "single")

@@ -483,6 +483,11 @@ def training_loop(cfg, local_rank_arg: int | None = None) -> int:
     elif exit_code == EXIT_OK:
         log(f"done: kimg {cur_images / 1000:.3f}")
     dist.barrier()
+    # Everything is saved. A launcher that sees the first rank exit may SIGTERM the others while
+    # they are still shutting down, when our handler is gone: they would die with 143 and the
+    # requeue code would be lost (seen under srun --kill-on-bad-exit=1, 1 run in 12).
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
     return exit_code
 
 

@@ -74,11 +74,31 @@ def test_slurm_env_uses_first_host_and_job_port():
     assert (launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, launch.node_rank) == \
         (9, 16, 1, 8, 1)
     assert launch.master_addr == "gpu07"
-    assert launch.master_port == 15000 + 123456 % 20000
+    assert launch.master_port == 15000 + 123456 % 15000 < 32768  # below the ephemeral ports
     assert launch.launcher == "slurm"
     # An explicit MASTER_ADDR / MASTER_PORT wins.
     launch = dist.parse_launch({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "4000"})
     assert (launch.master_addr, launch.master_port) == ("10.0.0.1", 4000)
+
+
+def test_srun_with_pmi_plugin_is_slurm_but_mpiexec_in_allocation_is_mpi():
+    # srun --mpi=pmi2 / pmix exports PMI variables describing the same tasks: SLURM_* win (only
+    # they carry the local rank; as "mpich" every task of a node would be local rank 0 -> cuda:0).
+    srun = {"SLURM_PROCID": "9", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+            "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+            "SLURM_JOB_ID": "5"}
+    for pmi in ({"PMI_RANK": "9", "PMI_SIZE": "16", "PMI_FD": "3"}, {"PMIX_RANK": "9"}):
+        launch = dist.parse_launch({**srun, **pmi})
+        assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank, launch.local_world_size) == \
+            ("slurm", 9, 16, 1, 8)
+    # mpiexec (hydra) inside an allocation starts its proxies with srun: the ranks inherit the
+    # proxy's SLURM_PROCID (its node index) and SLURM_STEP_NUM_TASKS (nodes), which disagree with PMI.
+    proxy = {**srun, "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_NUM_TASKS": "2",
+             "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}
+    for rank in (8, 9, 15):
+        launch = dist.parse_launch({**proxy, "PMI_RANK": str(rank), "PMI_SIZE": "16", "MPI_LOCALRANKID": str(rank - 8),
+                                    "MPI_LOCALNRANKS": "8"})
+        assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == ("mpich", rank, 16, rank - 8)
 
 
 def test_slurm_batch_script_is_not_a_task():

@@ -1,0 +1,321 @@
+"""A real, throw-away, single-node Slurm for tests: munged + slurmctld + slurmd on loopback.
+
+Debian's slurm-wlm packages (tools/install.sh) provide the daemons; this module gives them a
+generated munge key, a generated slurm.conf and their own state / spool / log directories in a
+temporary directory, on free 127.0.0.1 ports, so nothing in /etc or /run is used or changed and
+several clusters could coexist. Client commands reach the cluster through SLURM_CONF (see `env`).
+
+No cgroups (containers rarely allow them): processes are tracked by parent PID
+(proctrack/linuxproc), tasks are not bound (task/none). Everything runs as root.
+
+Every daemon is started in its own session and stopped by its PID; `stop()` first cancels the
+jobs and then kills, by PID, any process left whose environment names this cluster's slurm.conf
+(slurmstepd and job tasks re-parent to init, so they are not in the daemons' process groups).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from s3server import _free_ports  # distinct free loopback ports, held until all are chosen
+
+# Debian installs the daemons in /usr/sbin, which is not always on a test's PATH.
+_SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+def _which(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in _SBIN:
+        p = Path(d) / name
+        if p.exists():
+            return str(p)
+    return None
+
+
+def missing_binaries() -> list[str]:
+    return [b for b in ("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "scancel")
+            if _which(b) is None]
+
+
+def _node_name() -> str:
+    """The machine's host name when it resolves to loopback (the job then sees a real host name in
+    SLURM_JOB_NODELIST, as on a cluster), else "localhost"."""
+    host = socket.gethostname()
+    try:
+        if host and socket.gethostbyname(host).startswith("127."):
+            return host
+    except OSError:
+        pass
+    return "localhost"
+
+
+class SlurmError(RuntimeError):
+    pass
+
+
+class SlurmCluster:
+    """`with SlurmCluster(tmpdir) as c: c.run("sbatch", ...)`. Attributes: node, conf, env."""
+
+    def __init__(self, dir: str | os.PathLike, *, cred_expire_s: int = 5):
+        self.dir = Path(dir)
+        self.node = _node_name()
+        self.ctld_port, self.slurmd_port = _free_ports(2)
+        # Slurm holds a requeued job for cred_expire + 1 s before it may start again (job step
+        # credentials of the old run must have expired); the default 120 s would dominate a
+        # requeue test, and 5 s is long enough for a step launch on loopback.
+        self.cred_expire_s = cred_expire_s
+        self.conf = self.dir / "slurm.conf"
+        self.socket = self.dir / "munge" / "munge.socket"
+        if len(str(self.socket)) > 100:  # a UNIX socket path must fit in sun_path (108 bytes)
+            self.socket = Path(tempfile.mkdtemp(prefix="munge-")) / "munge.socket"
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What points Slurm client commands at this cluster. Jobs inherit it (sbatch exports the
+        submitter's environment), so the srun and scontrol inside a batch script find it too."""
+        return {"SLURM_CONF": str(self.conf)}
+
+    def _client_env(self, base: dict | None = None) -> dict[str, str]:
+        env = dict(os.environ if base is None else base)
+        # A test may itself run inside a Slurm job (or an sbatch default may be exported): its
+        # SLURM_* / SBATCH_* variables would redirect or reshape our jobs.
+        for k in list(env):
+            if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")):
+                del env[k]
+        env.update(self.env)
+        return env
+
+    def _hardware(self) -> str:
+        """Sockets/cores/threads/memory as slurmd itself detects them (`slurmd -C`), so the node
+        registers without a "low core count" drain, whatever machine CI gives us."""
+        out = subprocess.run([_which("slurmd"), "-C"], capture_output=True, text=True, timeout=30)
+        first = out.stdout.splitlines()[0] if out.stdout else ""
+        if out.returncode != 0 or not first.startswith("NodeName="):
+            raise SlurmError(f"slurmd -C failed ({out.returncode}): {out.stdout}{out.stderr}")
+        fields = [f for f in first.split()[1:] if f.split("=")[0] in
+                  ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory")]
+        return " ".join(fields)
+
+    def _write_conf(self) -> None:
+        d = self.dir
+        for sub in ("state", "spool", "log", "munge"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(f"""\
+# Generated by tests/slurm_cluster.py: a single-node cluster on 127.0.0.1, no cgroups, no accounting.
+ClusterName=etsdmtest
+SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldPort={self.ctld_port}
+SlurmdPort={self.slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={self.socket},cred_expire={self.cred_expire_s}
+StateSaveLocation={d / 'state'}
+SlurmdSpoolDir={d / 'spool'}
+SlurmctldPidFile={d / 'slurmctld.pid'}
+SlurmdPidFile={d / 'slurmd.pid'}
+SlurmctldLogFile={d / 'log' / 'slurmctld.log'}
+SlurmdLogFile={d / 'log' / 'slurmd.log'}
+SlurmctldDebug=info
+MailProg=/bin/true
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SchedulerType=sched/builtin
+# A requeued job becomes eligible cred_expire + 1 s later, and no event starts a scheduling pass
+# then: only the periodic one (default every 60 s) would start it again.
+SchedulerParameters=sched_interval=1
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+# Short timeouts: a test waits on these, not a production cluster.
+MessageTimeout=10
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+KillWait=5
+MinJobAge=600
+NodeName={self.node} NodeAddr=127.0.0.1 {self._hardware()} State=UNKNOWN
+PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
+""")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        log = open(self.dir / "log" / f"{name}.stdout", "ab")
+        env = self._client_env()
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=env, cwd=str(self.dir), start_new_session=True)
+        log.close()
+
+    def start(self, timeout_s: float = 60.0) -> "SlurmCluster":
+        missing = missing_binaries()
+        if missing:
+            raise SlurmError(f"Slurm/munge binaries missing: {missing} (tools/install.sh installs them)")
+        if os.geteuid() != 0:  # slurmd starts tasks as the submitting user; munged/slurmd run as root here
+            raise SlurmError("a throw-away Slurm needs root (SlurmUser=root, slurmd switches users)")
+        try:
+            self._write_conf()
+            self._start_munge()
+            self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-i", "-f", str(self.conf)])
+            self._spawn("slurmd", [_which("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)])
+            self._wait_idle(timeout_s)
+        except BaseException as e:
+            logs = self.logs()
+            self.stop()
+            raise SlurmError(f"Slurm cluster did not start: {e}\n{logs}") from e
+        return self
+
+    def _start_munge(self) -> None:
+        key = self.dir / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
+        (self.dir / "munge").chmod(0o755)  # clients of any user must reach the socket
+        # --force: munged refuses some ownership / permission layouts (e.g. root-owned dirs under a
+        # world-writable /tmp) that are fine for a private test instance.
+        self._spawn("munged", [_which("munged"), "--foreground", "--force", f"--socket={self.socket}",
+                               f"--key-file={key}", f"--pid-file={self.dir / 'munge' / 'munged.pid'}",
+                               f"--log-file={self.dir / 'log' / 'munged.log'}",
+                               f"--seed-file={self.dir / 'munge' / 'munged.seed'}"])
+        deadline = time.monotonic() + 20
+        last = ""
+        while time.monotonic() < deadline:
+            self._check_alive("munged")
+            if self.socket.exists():
+                # A real credential round trip, not just the socket file.
+                enc = subprocess.run([_which("munge"), "-n", "-S", str(self.socket)], capture_output=True, timeout=10)
+                dec = subprocess.run([_which("unmunge"), "-S", str(self.socket)], input=enc.stdout,
+                                     capture_output=True, timeout=10)
+                if enc.returncode == 0 and dec.returncode == 0:
+                    return
+                last = (enc.stderr + dec.stderr).decode(errors="replace")
+            time.sleep(0.1)
+        raise SlurmError(f"munged not answering on {self.socket}: {last}")
+
+    def _check_alive(self, *names: str) -> None:
+        for name in names or tuple(self.procs):
+            p = self.procs.get(name)
+            if p is not None and p.poll() is not None:
+                raise SlurmError(f"{name} exited with {p.returncode}")
+
+    def _wait_idle(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        state = ""
+        while time.monotonic() < deadline:
+            self._check_alive()
+            r = self.run("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=15)
+            state = (r.stdout + r.stderr).strip()
+            if r.returncode == 0 and state == "idle":
+                return
+            time.sleep(0.3)
+        raise SlurmError(f"node {self.node} not idle after {timeout_s:.0f}s (sinfo: {state!r})")
+
+    def _ours(self) -> list[int]:
+        """PIDs (other than the daemons and their direct children) whose environment names this
+        cluster's slurm.conf: slurmstepd, the batch shell, srun and the job's tasks."""
+        needle = f"SLURM_CONF={self.conf}".encode()
+        daemons = {p.pid for p in self.procs.values()}
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) in daemons or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes()
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid in daemons:  # a daemon's own helper (slurmctld's slurmscriptd): goes with it
+                continue
+            if needle in environ.split(b"\0"):
+                found.append(int(entry.name))
+        return found
+
+    def stop(self) -> None:
+        """Cancel jobs, stop slurmd, slurmctld and munged by PID, then kill any job process left."""
+        if self.procs.get("slurmctld") is not None and self.procs["slurmctld"].poll() is None:
+            self.run("scancel", "--full", "--user=root", check=False, timeout=15)  # every job of ours
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and self._ours():
+                time.sleep(0.2)
+        for name in ("slurmd", "slurmctld", "munged"):
+            p = self.procs.pop(name, None)
+            if p is None:
+                continue
+            for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+                if p.poll() is not None:
+                    break
+                try:
+                    os.kill(p.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    p.wait(wait)
+                except subprocess.TimeoutExpired:
+                    continue
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # the session we created for it, if anything is left
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in self._ours():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.dir not in self.socket.parents:  # the short socket directory made in __init__
+            shutil.rmtree(self.socket.parent, ignore_errors=True)
+
+    def __enter__(self) -> "SlurmCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ clients
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 30, env: dict | None = None,
+            cwd: str | None = None) -> subprocess.CompletedProcess:
+        full_env = self._client_env({**os.environ, **(env or {})})
+        r = subprocess.run([_which(cmd[0]) or cmd[0], *cmd[1:]], capture_output=True, text=True, timeout=timeout,
+                           env=full_env, cwd=cwd, stdin=subprocess.DEVNULL)
+        if check and r.returncode != 0:
+            raise SlurmError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}{r.stderr}\n{self.logs()}")
+        return r
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job -o` as a dict (JobState, ExitCode, Restarts, ...); {} when unknown."""
+        r = self.run("scontrol", "-o", "show", "job", job_id, check=False, timeout=15)
+        if r.returncode != 0:
+            return {}
+        out = {}
+        for field in r.stdout.split():
+            if "=" in field:
+                k, v = field.split("=", 1)
+                out.setdefault(k, v)
+        return out
+
+    def logs(self, n: int = 40) -> str:
+        parts = []
+        for f in sorted((self.dir / "log").glob("*")) if (self.dir / "log").exists() else []:
+            name = f.name.rsplit(".", 1)[0]
+            p = self.procs.get(name)
+            if f.suffix == ".stdout" and p is not None and p.poll() is None and (self.dir / "log" / f"{name}.log").exists():
+                continue  # a running daemon's stdout repeats its log file; a dead one's may hold why
+            lines = f.read_text(errors="replace").splitlines()[-n:]
+            parts.append(f"----- {f.name} (last {len(lines)} lines) -----\n" + "\n".join(lines))
+        return "\n".join(parts) or f"(no logs in {self.dir / 'log'})"
