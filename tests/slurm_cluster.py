@@ -290,7 +290,9 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 30, env: dict | None = None,
             cwd: str | None = None) -> subprocess.CompletedProcess:
-        full_env = self._client_env({**os.environ, **(env or {})})
+        # `env` is complete when given (train_harness.base_env has removed RANK, WORLD_SIZE, ...
+        # that in-process tests leave in os.environ): merging os.environ back would revive them.
+        full_env = self._client_env(env)
         r = subprocess.run([_which(cmd[0]) or cmd[0], *cmd[1:]], capture_output=True, text=True, timeout=timeout,
                            env=full_env, cwd=cwd, stdin=subprocess.DEVNULL)
         if check and r.returncode != 0:
