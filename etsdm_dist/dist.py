@@ -171,6 +171,12 @@ def parse_launch(env: Mapping[str, str], local_rank_arg: int | None = None) -> L
         if local_world is None:
             local_world = world if world == 1 else max(local + 1, 1)
         node = _int(env, "GROUP_RANK", "NODE_RANK", default=rank // max(local_world, 1))
+        slurm = _srun_task(env, addr, port)
+        if world == 1 and slurm is not None and slurm.world_size > 1:
+            # Every srun task would train alone as "rank 0 of 1" into the same run directory.
+            raise ValueError(f"RANK={rank} WORLD_SIZE=1 in the environment, but this is srun task "
+                             f"{slurm.rank} of {slurm.world_size}: RANK/WORLD_SIZE were probably "
+                             f"exported by the shell that submitted the job; unset them")
         return Launch(rank, world, local, local_world, node, addr or "127.0.0.1", port, "torchrun")
 
     if "OMPI_COMM_WORLD_RANK" in env:

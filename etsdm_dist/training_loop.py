@@ -509,7 +509,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = config_mod.load(args.config, args.overrides)
-        launch = dist.parse_launch(os.environ, local_rank)
+        try:
+            launch = dist.parse_launch(os.environ, local_rank)
+        except ValueError as e:  # contradictory launcher variables: a set-up error, like config
+            raise config_mod.ConfigError(f"launch environment: {e}") from e
         if args.dry_run:
             return dry_run(cfg, launch, args.world_size)
         config_mod.batch_layout(cfg.train.batch_images, launch.world_size, cfg.train.micro_batch_images)

@@ -101,6 +101,18 @@ def test_srun_with_pmi_plugin_is_slurm_but_mpiexec_in_allocation_is_mpi():
         assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == ("mpich", rank, 16, rank - 8)
 
 
+def test_inherited_single_rank_variables_under_srun_are_an_error():
+    # sbatch exports the submitter's environment: a RANK=0 WORLD_SIZE=1 left in that shell would
+    # make every srun task train alone as rank 0 of 1 into the same run directory.
+    env = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "1",
+           "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "3",
+           "RANK": "0", "WORLD_SIZE": "1"}
+    with pytest.raises(ValueError, match="srun task 1 of 2.*unset them"):
+        dist.parse_launch(env)
+    # torchrun started by srun (one agent per node) sets a real world size: it wins
+    assert dist.parse_launch({**env, "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}).launcher == "torchrun"
+
+
 def test_slurm_batch_script_is_not_a_task():
     # Inside the sbatch script (no srun step) SLURM_PROCID=0 and SLURM_NTASKS=16 are set too, but
     # it is one process: treating it as rank 0 of 16 would hang forever waiting for the others.
