@@ -9,11 +9,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from daemons import free_ports
 
 ACCESS_KEY = "etsdmtestkey"
 SECRET_KEY = "etsdmtestsecret0123456789"
@@ -35,28 +36,10 @@ def _weed_binary() -> str:
     return found
 
 
-def _free_ports(n: int) -> list[int]:
-    # Hold all sockets open until all are chosen so the n ports are distinct.
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            socks.append(s)
-            # weed derives nothing from these, but keep grpc-style "+10000" collisions impossible
-            if port not in ports and port + 10000 not in ports:
-                ports.append(port)
-    finally:
-        for s in socks:
-            s.close()
-    return ports
-
-
 class SeaweedServer:
     def __init__(self, dir: str | os.PathLike, port: int | None = None):
         self.dir = Path(dir)
-        ports = _free_ports(len(_PORT_FLAGS))
+        ports = free_ports(len(_PORT_FLAGS))
         if port is not None:
             ports[0] = port
         self.ports = dict(zip(_PORT_FLAGS, ports))

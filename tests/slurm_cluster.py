@@ -23,21 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from s3server import _free_ports  # distinct free loopback ports, held until all are chosen
-
-# Debian installs the daemons in /usr/sbin, which is not always on a test's PATH.
-_SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
-
-
-def _which(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for d in _SBIN:
-        p = Path(d) / name
-        if p.exists():
-            return str(p)
-    return None
+from daemons import free_ports, which as _which
 
 
 def missing_binaries() -> list[str]:
@@ -67,7 +53,7 @@ class SlurmCluster:
     def __init__(self, dir: str | os.PathLike, *, cred_expire_s: int = 5):
         self.dir = Path(dir)
         self.node = _node_name()
-        self.ctld_port, self.slurmd_port = _free_ports(2)
+        self.ctld_port, self.slurmd_port = free_ports(2)
         # Slurm holds a requeued job for cred_expire + 1 s before it may start again (job step
         # credentials of the old run must have expired); the default 120 s would dominate a
         # requeue test, and 5 s is long enough for a step launch on loopback.

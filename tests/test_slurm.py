@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 import slurm_cluster as S
+from daemons import running
 import train_harness as H
 
 pytestmark = pytest.mark.slow
@@ -44,18 +45,9 @@ REQUEUE_CODE = 75
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    missing = S.missing_binaries()
-    if missing:
-        pytest.fail(f"Slurm/munge binaries missing: {missing}; tools/install.sh apt-installs them", pytrace=False)
-    cluster = S.SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except S.SlurmError as e:
-        pytest.fail(str(e), pytrace=False)
-    try:
+    with running(S.SlurmCluster(tmp_path_factory.mktemp("slurm")), S.missing_binaries(),
+                 "tools/install.sh apt-installs Slurm and munge", S.SlurmError) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 class Job:

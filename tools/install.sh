@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${ETSDM_VENV:-.venv}
-STAMP="$VENV/.etsdm-installed-v4"  # v4: Slurm + munge packages
+STAMP="$VENV/.etsdm-installed-v5"  # v5: pdsh + openssh-server packages
 if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt tools/install.sh ]; then
   exit 0
 fi
@@ -15,31 +15,46 @@ fi
 #  - slurmctld slurmd slurm-client munge: tests/test_slurm.py starts a throw-away single-node Slurm
 #    on loopback (tests/slurm_cluster.py) to run launchers/slurm.sbatch; it fails without them.
 #    Nothing is configured or started here: the test brings its own munge key and slurm.conf.
-APT_DATA=() APT_SLURM=()
+#  - pdsh openssh-server openssh-client: tests/test_launchers_multinode.py runs the DeepSpeed
+#    launcher's multi-node path (pdsh over ssh) against a throw-away sshd on loopback
+#    (tests/sshd_server.py); it fails without them. No system sshd is started or configured here:
+#    the test brings its own host key, sshd_config and client key.
+APT_DATA=() APT_SLURM=() APT_SSH=()
 [ -d /usr/share/datasets/fashion-mnist ] || APT_DATA+=(dataset-fashion-mnist)
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 for pkg in slurmctld slurmd slurm-client munge; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || APT_SLURM+=("$pkg")
+  installed "$pkg" || APT_SLURM+=("$pkg")
 done
-if [ $(( ${#APT_DATA[@]} + ${#APT_SLURM[@]} )) -gt 0 ]; then
+for pkg in pdsh openssh-server openssh-client; do
+  installed "$pkg" || APT_SSH+=("$pkg")
+done
+if [ $(( ${#APT_DATA[@]} + ${#APT_SLURM[@]} + ${#APT_SSH[@]} )) -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq >/dev/null 2>&1 || echo "warning: apt-get update failed" >&2
     if [ ${#APT_DATA[@]} -gt 0 ]; then
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT_DATA[@]}" >/dev/null 2>&1 \
         || echo "warning: could not apt-get install ${APT_DATA[*]}" >&2
     fi
-    if [ ${#APT_SLURM[@]} -gt 0 ]; then
-      # Packages only: no system munged/slurmd may start (a policy-rc.d that forbids it, for the
-      # install alone, where the machine has none of its own).
+    if [ $(( ${#APT_SLURM[@]} + ${#APT_SSH[@]} )) -gt 0 ]; then
+      # Packages only: no system munged/slurmd/sshd may start (a policy-rc.d that forbids it, for
+      # the install alone, where the machine has none of its own).
       own_policy=0
       if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && own_policy=1
       fi
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${APT_SLURM[@]}" \
-        >/dev/null 2>&1 || echo "warning: could not apt-get install ${APT_SLURM[*]} (tests/test_slurm.py will fail)" >&2
+      # One command per group: a failure in one must not cost the other.
+      if [ ${#APT_SLURM[@]} -gt 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${APT_SLURM[@]}" \
+          >/dev/null 2>&1 || echo "warning: could not apt-get install ${APT_SLURM[*]} (tests/test_slurm.py will fail)" >&2
+      fi
+      if [ ${#APT_SSH[@]} -gt 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${APT_SSH[@]}" \
+          >/dev/null 2>&1 || echo "warning: could not apt-get install ${APT_SSH[*]} (tests/test_launchers_multinode.py will fail)" >&2
+      fi
       if [ "$own_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
     fi
   else
-    echo "note: not root or no apt-get: skipping Debian packages ${APT_DATA[*]} ${APT_SLURM[*]}" >&2
+    echo "note: not root or no apt-get: skipping Debian packages ${APT_DATA[*]} ${APT_SLURM[*]} ${APT_SSH[*]}" >&2
   fi
 fi
 python3 -m venv "$VENV"
