@@ -3,7 +3,8 @@
 Both sides train the same network (same preset, same initial weights) on the same in-memory batch
 with the same loss code (E-TSDM-conditioned eps-MSE) and AdamW with gradient clipping:
 
-  plain        model(x) -> loss -> backward -> clip_grad_norm_ -> AdamW.step   (torch only)
+  plain        lr from the image counter (the same warm-up) -> model(x) -> loss -> backward
+               -> clip_grad_norm_ -> AdamW.step   (torch only)
   plain + EMA  the same, plus one torch._foreach_lerp_ per train.ema_decays entry over the fp32
                parameters: the cheapest EMA a hand-written loop could have
   ours         the loop's step: DeepSpeed engine (ZeRO stage as configured) + set_lr from the image
@@ -127,7 +128,15 @@ def main(argv=None) -> int:
     # the training loop does); the warm-up steps absorb the compilation.
     plain_fn = torch.compile(plain_model) if cfg.network.compile else plain_model
 
+    plain_images = [0]
+
     def plain_step(i: int) -> None:
+        # The same LR warm-up as ours: early in warm-up the LR is tiny, zero-initialised output
+        # layers stay near zero and Adam's second moments fill with denormals, which make sqrt
+        # ~10x slower on x86. A plain loop at full LR would not pay that: compare like with like.
+        plain_images[0] += B
+        for group in opt.param_groups:
+            group["lr"] = engine_mod.lr_at(cfg, plain_images[0])
         gen = torch.Generator(device=device).manual_seed(_mix(1, i))
         x0 = next_x0()
         with autocast:
