@@ -174,7 +174,9 @@ def main(argv=None) -> int:
         engine_mod.engine_micro_step(engine, loss)
         ema.update(images[0] + B)
         images[0] += B
-        flags = torch.tensor([0.0, 0.0, float(per.detach().sum()), float(B)], dtype=torch.float64, device=device)
+        # the loop's one host sync per step: stop/NaN flags and the loss sum, all-reduced together
+        flags = torch.zeros(4, dtype=torch.float64, device=device)
+        flags[2], flags[3] = per.detach().sum(), B
         dist.all_reduce(flags, "sum").cpu()
 
     def sync():

@@ -483,11 +483,6 @@ def training_loop(cfg, local_rank_arg: int | None = None) -> int:
     elif exit_code == EXIT_OK:
         log(f"done: kimg {cur_images / 1000:.3f}")
     dist.barrier()
-    # Everything is saved. A launcher that sees the first rank exit may SIGTERM the others while
-    # they are still shutting down, when our handler is gone: they would die with 143 and the
-    # requeue code would be lost (seen under srun --kill-on-bad-exit=1, 1 run in 12).
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, signal.SIG_IGN)
     return exit_code
 
 
@@ -522,7 +517,15 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as e:
         print(f"etsdm train: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    return training_loop(cfg, local_rank)
+    code = training_loop(cfg, local_rank)
+    # The process is about to exit with everything saved. A launcher that sees the first rank exit
+    # may SIGTERM the others while they are still shutting down, when our handler is gone: they
+    # would die with 143 and the requeue code would be lost (seen under srun
+    # --kill-on-bad-exit=1, 1 run in 12). Here, not in training_loop: only the entry point owns
+    # the process's signal dispositions.
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+    return code
 
 
 if __name__ == "__main__":
