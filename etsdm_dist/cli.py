@@ -6,22 +6,17 @@ Each module exposes `main(argv: list[str]) -> int`.
 from __future__ import annotations
 
 import importlib
-import runpy
 import sys
-from pathlib import Path
 
 SUBCOMMANDS = {
     "config": ("etsdm_dist.cli", "config_main", "print the resolved config (YAML) after overrides"),
-    "toy": ("etsdm_dist.toy", "main", "reproduce the paper's claims on a Gaussian mixture (CPU)"),
-    "shard": ("etsdm_dist.shard_writer", "main", "turn images / idx files into webdataset shards"),
-    "verify": ("etsdm_dist.verify", "main", "check shards against their index.json"),
-    "train": ("etsdm_dist.training_loop", "main", "train (DeepSpeed; run under a launcher)"),
-    "export": ("etsdm_dist.export", "main", "write a run's EMA weights as one file"),
+    "toy": ("etsdm_dist.study.toy", "main", "reproduce the paper's claims on a Gaussian mixture (CPU)"),
+    "shard": ("etsdm_dist.data.shard_writer", "main", "turn images / idx files into webdataset shards"),
+    "verify": ("etsdm_dist.data.verify", "main", "check shards against their index.json"),
+    "train": ("etsdm_dist.train.loop", "main", "train (DeepSpeed; run under a launcher)"),
+    "export": ("etsdm_dist.train.export", "main", "write a run's EMA weights as one file"),
     "bench": (None, None, "benchmarks: loader | train"),
 }
-
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
-
 
 def config_main(argv: list[str]) -> int:
     import argparse
@@ -46,16 +41,17 @@ def config_main(argv: list[str]) -> int:
 
 
 def bench_main(argv: list[str]) -> int:
-    names = sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
+    from etsdm_dist import bench
+
+    names = bench.NAMES
     if not argv or argv[0] not in names:
         print(f"usage: etsdm bench {{{'|'.join(names)}}} [options]", file=sys.stderr)
         return 2
-    sys.argv = [f"etsdm bench {argv[0]}", *argv[1:]]
+    module = importlib.import_module(f"etsdm_dist.bench.{argv[0]}")
     try:
-        runpy.run_path(str(BENCH_DIR / f"{argv[0]}.py"), run_name="__main__")
-    except SystemExit as e:
+        return int(module.main(argv[1:]) or 0)
+    except SystemExit as e:  # argparse --help / usage errors
         return int(e.code or 0)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,6 +103,10 @@ class TrainConfig:
     zero_stage: int = field(default=2, metadata=_choice(0, 1, 2, 3))
     ema_decays: list[float] = field(default_factory=lambda: [0.9999])
     ema_start_kimg: float = 0.0
+    # EDM's EMA ramp-up: each decay's half-life (in images) is capped at this fraction of the
+    # images trained so far, so a short run's EMA is not still mostly the initial weights.
+    # null: fixed decays from the start.
+    ema_rampup_ratio: float | None = None
     report_kimg: float = 1.28  # stats.jsonl line every this many kimg (10 batches of 128)
     checkpoint_kimg: float = 12.8
     keep_last: int = 2  # newest checkpoints kept

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from s3server import SeaweedServer  # noqa: E402
+from etsdm_dist.data.local_s3 import SeaweedServer  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # Real photos extracted from the scikit-image wheel by tools/install.sh.
@@ -27,7 +27,7 @@ _bucket_ids = itertools.count()
 
 
 def _forget_filesystems() -> None:
-    from etsdm_dist import storage
+    from etsdm_dist.data import storage
 
     storage.invalidate()
 

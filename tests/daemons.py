@@ -1,13 +1,14 @@
-"""What the tests' throw-away servers (s3server, slurm_cluster, sshd_server) share: free loopback
+"""What the tests' throw-away servers (slurm_cluster, sshd_server; SeaweedFS lives in etsdm_dist.data.local_s3) share: free loopback
 ports, finding daemons outside PATH, and a fixture body that starts one or fails with its logs."""
 from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+
+from etsdm_dist.data.local_s3 import free_ports  # noqa: F401  (re-exported for the servers here)
 
 # Debian installs daemons (sshd, slurmctld, munged) in /usr/sbin, not always on a test's PATH.
 _SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
@@ -22,24 +23,6 @@ def which(name: str) -> str | None:
         if p.exists():
             return str(p)
     return None
-
-
-def free_ports(n: int) -> list[int]:
-    # Hold all sockets open until all are chosen so the n ports are distinct.
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            socks.append(s)
-            # weed derives nothing from these, but keep grpc-style "+10000" collisions impossible
-            if port not in ports and port + 10000 not in ports:
-                ports.append(port)
-    finally:
-        for s in socks:
-            s.close()
-    return ports
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 As a module: a tiny conv net, a deterministic batch per step, single-rank DeepSpeed setup for
 in-process tests, and `launch(n, args)` which spawns n ranks of this file (own process group,
 killed as a group on timeout). As a script: trains a few steps under each given ZeRO stage, saves a checkpoint
-through etsdm_dist.checkpoint, records the reference state, then takes one more step.
+through etsdm_dist.train.checkpoint, records the reference state, then takes one more step.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def init_single_rank() -> None:
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
-    from etsdm_dist.engine import skip_shm_comm_jit
+    from etsdm_dist.train.engine import skip_shm_comm_jit
 
     skip_shm_comm_jit()
     import deepspeed
@@ -82,7 +82,7 @@ def init_single_rank() -> None:
 
 def train(engine, ema, cfg, steps: range) -> int:
     """Train `steps` (global batches); returns the image counter after the last one."""
-    from etsdm_dist import engine as E
+    from etsdm_dist.train import engine as E
 
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
@@ -165,8 +165,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args(argv)
 
-    from etsdm_dist import checkpoint, engine as E
-    from etsdm_dist.ema import EMA
+    from etsdm_dist.train import checkpoint
+    from etsdm_dist.train import engine as E
+    from etsdm_dist.train.ema import EMA
 
     E.skip_shm_comm_jit()
     import deepspeed

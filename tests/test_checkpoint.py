@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from ds_worker import TinyNet, full_exp_avg, full_params, init_single_rank, launch, make_cfg, train
-from etsdm_dist import checkpoint as C
-from etsdm_dist import engine as E
-from etsdm_dist import export as X
-from etsdm_dist import storage
+from etsdm_dist.train import checkpoint as C
+from etsdm_dist.train import engine as E
+from etsdm_dist.train import export as X
+from etsdm_dist.data import storage
 from etsdm_dist.config import ConfigError
-from etsdm_dist.ema import EMA
+from etsdm_dist.train.ema import EMA
 
 
 def _engine(cfg, load_universal=False):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ds_worker import TinyNet, init_single_rank, make_cfg, train
-from etsdm_dist.ema import EMA
+from etsdm_dist.train.ema import EMA
 
 
 def _perturb(net, step):
@@ -70,7 +70,7 @@ def test_bf16_ema_follows_fp32_master_weights_not_bf16_params(stage):
     init_single_rank()
     cfg = make_cfg(zero_stage=stage, precision="bf16", ema_start_kimg=1.0)  # tracking: EMA == master
     cfg.network.channels_last = True
-    from etsdm_dist import engine as E
+    from etsdm_dist.train import engine as E
 
     engine = E.build_engine(cfg, TinyNet(), 1)
     ema = EMA.from_config(engine, cfg)
@@ -91,7 +91,7 @@ def test_bf16_ema_follows_fp32_master_weights_not_bf16_params(stage):
 
 def test_zero3_single_rank_state_is_the_full_weights():
     from ds_worker import full_params
-    from etsdm_dist import engine as E
+    from etsdm_dist.train import engine as E
 
     init_single_rank()
     cfg = make_cfg(zero_stage=3, ema_start_kimg=0.016)

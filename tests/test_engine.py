@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ds_worker import TinyNet, batch, init_single_rank, make_cfg
-from etsdm_dist import engine as E
+from etsdm_dist.train import engine as E
 from etsdm_dist.config import ConfigError, from_dict
 
 
@@ -123,7 +123,7 @@ def test_engine_steps_match_plain_torch(stage, clip):
     """Accumulation boundaries, clipping, the LR set from the image counter and the reported grad
     norm all agree with a plain torch loop (fp32, 1 rank, 4 micro batches per step)."""
     from ds_worker import full_params
-    from etsdm_dist.ema import EMA
+    from etsdm_dist.train.ema import EMA
 
     init_single_rank()
     cfg = make_cfg(zero_stage=stage, micro_batch_images=2)
@@ -156,7 +156,7 @@ def test_keep_freed_host_memory_stops_refaulting_large_blocks():
 
     code = """
 import resource, sys, torch
-from etsdm_dist import engine as E
+from etsdm_dist.train import engine as E
 if sys.argv[1] == "on":
     assert E.keep_freed_host_memory()
 for _ in range(6):  # glibc settles within a few rounds (seen: 4); the steady state is measured

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from etsdm_dist.etsdm import ConditionedModel, EtsdmSettings, condition_time
-from etsdm_dist.schedule import make_schedule
+from etsdm_dist.diffusion.etsdm import ConditionedModel, EtsdmSettings, condition_time
+from etsdm_dist.diffusion.schedule import make_schedule
 
 torch.set_num_threads(1)
 

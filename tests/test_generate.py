@@ -7,16 +7,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from etsdm_dist import config, generate, training_loop
+from etsdm_dist import config
+from etsdm_dist.eval import grid as generate
+from etsdm_dist.diffusion import build
 
 
 def _setup(*overrides):
     cfg = config.load("configs/ci_tiny.yaml", ["sample.steps=4", *overrides])
     torch.manual_seed(0)
-    model = training_loop.build_model(cfg).eval()
+    model = build.build_model(cfg).eval()
     for p in model.parameters():  # leave the zero init: a non-trivial network
         p.data.add_(0.02 * torch.randn_like(p))
-    return cfg, model, training_loop.build_schedule(cfg)
+    return cfg, model, build.build_schedule(cfg)
 
 
 def test_grid_shape_and_fixed_seed(tmp_path):

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from etsdm_dist.etsdm import ConditionedModel, EtsdmSettings
-from etsdm_dist.gmm import GaussianMixture, mmd2_rbf, ring_mixture, sliced_wasserstein
-from etsdm_dist.lipschitz import (FORM_NETWORK, FORM_WRAPPED, conditioned_parts, fit_power_law,
+from etsdm_dist.diffusion.etsdm import ConditionedModel, EtsdmSettings
+from etsdm_dist.study.gmm import GaussianMixture, mmd2_rbf, ring_mixture, sliced_wasserstein
+from etsdm_dist.study.lipschitz import (FORM_NETWORK, FORM_WRAPPED, conditioned_parts, fit_power_law,
                                   lipschitz_network_input, lipschitz_wrapped_true_t, log_grid,
                                   perturbation_error)
-from etsdm_dist.schedule import make_schedule
+from etsdm_dist.diffusion.schedule import make_schedule
 
 torch.set_num_threads(1)
 F64 = torch.float64

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from etsdm_dist import loader as L
-from etsdm_dist import shards as S
+from etsdm_dist.data import loader as L
+from etsdm_dist.data import order as S
 from etsdm_dist.config import DataConfig
 
 RES = 8
@@ -304,7 +304,7 @@ def test_skip_budget_exceeded_names_the_shards(tmp_path, shards_dir):
 
 def _record_reads(monkeypatch):
     """Record every storage.read_range call the loader makes (in this process)."""
-    from etsdm_dist import storage
+    from etsdm_dist.data import storage
     calls, real = [], storage.read_range
 
     def spy(path, start, end, **kw):
@@ -369,7 +369,7 @@ def test_close_stops_read_ahead(shards_dir, monkeypatch):
     """After close() returns no read starts: queued read-ahead is cancelled and running reads
     are waited for. (Reads of a closed loader used to go on in its threads and land in the
     next test's spy: the once-flaky test above.)"""
-    from etsdm_dist import storage
+    from etsdm_dist.data import storage
     d, _ = shards_dir
     real, calls = storage.read_range, []
 
@@ -439,7 +439,7 @@ def test_truncated_shard_with_coalesced_reads(tmp_path, shards_dir, workers, gro
 
 
 def test_fast_tar_parsing_matches_the_reference():
-    from etsdm_dist import tarformat as T
+    from etsdm_dist.data import tarformat as T
     rng = np.random.default_rng(0)
     for _ in range(200):  # the checksum: adler32 pieces == the plain byte sum
         hdr = bytes(rng.integers(0, 256, 512, dtype=np.uint8))

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from etsdm_dist import loader as L
-from etsdm_dist import storage
+from etsdm_dist.data import loader as L
+from etsdm_dist.data import storage
 from test_loader import RES, cfg, sample_image, take, write_shards
 
 SIZES = [6, 2, 5, 7]  # 20 samples

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from etsdm_dist.etsdm import ConditionedModel, EtsdmSettings, condition_time
-from etsdm_dist.loss import bucket_losses, diffusion_loss, sample_timesteps
-from etsdm_dist.schedule import make_schedule
+from etsdm_dist.diffusion.etsdm import ConditionedModel, EtsdmSettings, condition_time
+from etsdm_dist.diffusion.loss import bucket_losses, diffusion_loss, sample_timesteps
+from etsdm_dist.diffusion.schedule import make_schedule
 
 torch.set_num_threads(1)
 
@@ -138,8 +138,8 @@ def test_bucket_losses_brute_force(time):
 def test_bucket_losses_weight_equals_the_selected_subset():
     """weight=valid mask gives the same stats as indexing the valid samples (no host sync), and a
     NaN in a left-out sample does not leak into the sums."""
-    from etsdm_dist.loss import bucket_losses
-    from etsdm_dist.schedule import make_schedule
+    from etsdm_dist.diffusion.loss import bucket_losses
+    from etsdm_dist.diffusion.schedule import make_schedule
 
     sched = make_schedule()
     g = torch.Generator().manual_seed(3)

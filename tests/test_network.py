@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from etsdm_dist.network import (PRESETS, AttentionBlock, NetworkConfig, ResBlock, UNet, build_network,
+from etsdm_dist.diffusion.network import (PRESETS, AttentionBlock, NetworkConfig, ResBlock, UNet, build_network,
                                 count_parameters, flops_per_image, timestep_embedding)
 
 torch.set_num_threads(1)
@@ -178,7 +178,7 @@ def test_gradient_checkpointing_same_gradients():
 
 
 def test_checkpointing_actually_used(monkeypatch):
-    import etsdm_dist.network as netmod
+    import etsdm_dist.diffusion.network as netmod
     calls = []
     orig = netmod.checkpoint
     monkeypatch.setattr(netmod, "checkpoint", lambda *a, **k: calls.append(type(a[0])) or orig(*a, **k))

@@ -24,11 +24,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ds_worker import TinyNet, batch, init_single_rank, launch  # noqa: E402
-from etsdm_dist import checkpoint as C  # noqa: E402
+from etsdm_dist.train import checkpoint as C  # noqa: E402
 from etsdm_dist import config as config_mod  # noqa: E402
-from etsdm_dist import engine as E  # noqa: E402
-from etsdm_dist import reshard  # noqa: E402
-from etsdm_dist.ema import EMA  # noqa: E402
+from etsdm_dist.train import engine as E  # noqa: E402
+from etsdm_dist.train import reshard  # noqa: E402
+from etsdm_dist.train.ema import EMA  # noqa: E402
 
 STEPS = 2  # optimizer steps before the checkpoint
 PER_RANK = 4  # samples per rank per step (no gradient accumulation)

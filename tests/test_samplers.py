@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from etsdm_dist.etsdm import ConditionedModel, EtsdmSettings, condition_time
-from etsdm_dist.samplers import SAMPLERS, ddim, ddpm, dpm_solver, sample, time_grid
-from etsdm_dist.schedule import make_schedule
+from etsdm_dist.diffusion.etsdm import ConditionedModel, EtsdmSettings, condition_time
+from etsdm_dist.diffusion.samplers import SAMPLERS, ddim, ddpm, dpm_solver, sample, time_grid
+from etsdm_dist.diffusion.schedule import make_schedule
 
 torch.set_num_threads(1)
 MU, S = 0.7, 0.5

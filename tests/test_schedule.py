@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from etsdm_dist.schedule import make_schedule
+from etsdm_dist.diffusion.schedule import make_schedule
 
 torch.set_num_threads(1)
 KINDS = ("linear", "quadratic", "cosine")

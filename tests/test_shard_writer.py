@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from etsdm_dist import shard_writer, storage, tarformat, verify
+from etsdm_dist.data import shard_writer
+from etsdm_dist.data import storage
+from etsdm_dist.data import tarformat
+from etsdm_dist.data import verify
 
 
 def shard(*argv) -> int:

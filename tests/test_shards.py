@@ -1,4 +1,4 @@
-"""Properties of the pure sample-assignment functions in etsdm_dist.shards, over a grid."""
+"""Properties of the pure sample-assignment functions in etsdm_dist.data.order, over a grid."""
 from __future__ import annotations
 
 import collections
@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from etsdm_dist import shards as S
+from etsdm_dist.data import order as S
 
 SHARD_LAYOUTS = [
     [7],                 # one shard

@@ -128,7 +128,7 @@ def test_sbatch_two_tasks_match_reference(slurm, base, reference):
 
 
 def test_usr1_preemption_requeues_and_resumes_exactly(slurm, base, reference):
-    from etsdm_dist import checkpoint
+    from etsdm_dist.train import checkpoint
 
     # The reference's own length (16 steps, checkpoints every 64 images): the rerun must end
     # where the reference ended, equal to it.

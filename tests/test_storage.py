@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from etsdm_dist import storage, tarformat
-from s3server import SeaweedServer
+from etsdm_dist.data import storage
+from etsdm_dist.data import tarformat
+from etsdm_dist.data.local_s3 import SeaweedServer
 
 
 def test_paths():
@@ -119,7 +120,7 @@ def test_read_range_resumes_across_server_restart(on_own_server, caplog):
             threading.Thread(target=bounce, daemon=True).start()
             assert stopped.wait(30)
 
-    caplog.set_level(logging.WARNING, logger="etsdm_dist.storage")
+    caplog.set_level(logging.WARNING, logger="etsdm_dist.data.storage")
     t0 = time.monotonic()
     data = storage.read_range(url, 1000, len(payload), chunk_bytes=chunk, backoff_s=0.3,
                               retries=8, progress=progress)

@@ -6,11 +6,12 @@ import os
 
 import torch
 
-from etsdm_dist import cli, toy
-from etsdm_dist.etsdm import ConditionedModel, EtsdmSettings
-from etsdm_dist.gmm import ring_mixture
-from etsdm_dist.lipschitz import FORM_NETWORK, FORM_WRAPPED
-from etsdm_dist.schedule import make_schedule
+from etsdm_dist import cli
+from etsdm_dist.study import toy
+from etsdm_dist.diffusion.etsdm import ConditionedModel, EtsdmSettings
+from etsdm_dist.study.gmm import ring_mixture
+from etsdm_dist.study.lipschitz import FORM_NETWORK, FORM_WRAPPED
+from etsdm_dist.diffusion.schedule import make_schedule
 
 torch.set_num_threads(1)
 

@@ -58,7 +58,7 @@ def test_zero3_matches_and_nan_stops_all_ranks(base, data, reference):
     assert got[16] == ref[16] and got[32] == ref[32]
     for i in (48, 64):
         assert got[i] == pytest.approx(ref[i], rel=1e-6)
-    from etsdm_dist import checkpoint
+    from etsdm_dist.train import checkpoint
 
     found, _ = checkpoint.find_resume(run.run_dir)
     assert found is not None and found[1]["images"] == 64  # nothing committed at or after the NaN
@@ -92,7 +92,8 @@ def test_crash_in_checkpoint_on_s3_keeps_previous(base, reference, s3_bucket):
                       env_extra={"ETSDM_FAULT": "crash_in_checkpoint@128"})
     assert run.result.returncodes[0] == 17, run.result.output()
     assert "ETSDM_FAULT: crashing before writing" in run.result.outputs[0]
-    from etsdm_dist import checkpoint, storage
+    from etsdm_dist.train import checkpoint
+    from etsdm_dist.data import storage
 
     partial = storage.join(run_dir, "checkpoints", checkpoint.ckpt_name(128))
     assert storage.exists(storage.join(partial, checkpoint.MANIFEST))
@@ -116,7 +117,7 @@ def test_sigterm_saves_requeue_code_then_resume_on_one_rank(base, data, referenc
     stopped = max(i for i, _ in run.steps)
     assert 96 <= stopped < 256
     assert "preempted by SIGTERM" in run.result.outputs[0]
-    from etsdm_dist import checkpoint
+    from etsdm_dist.train import checkpoint
 
     found, _ = checkpoint.find_resume(run.run_dir)
     assert found[1]["images"] == stopped  # the preemption checkpoint, not the last interval one

@@ -39,8 +39,9 @@ TIMEOUT_S = 90
 def _damaged_copy(base, data: str, name: str, mode: str) -> tuple[str, dict]:
     """A copy of the shared shards with the shard holding global position FAIL_AT truncated right
     before that sample ("truncate") or deleted ("delete"). Returns (url, facts about the shard)."""
-    from etsdm_dist import shards, tarformat
-    from etsdm_dist.loader import load_index
+    from etsdm_dist.data import order as shards
+    from etsdm_dist.data import tarformat
+    from etsdm_dist.data.loader import load_index
 
     dst = base / f"shards-{name}"
     if dst.exists():
@@ -92,7 +93,7 @@ def test_truncated_shard_under_one_rank_stops_all_ranks_with_exit_4(base, data, 
     ref = dict(reference.steps)
     assert [i for i, _ in run.steps] == [16, 32, 48, 64]
     assert all(loss == ref[i] for i, loss in run.steps[:3])
-    from etsdm_dist import checkpoint
+    from etsdm_dist.train import checkpoint
 
     found, _ = checkpoint.find_resume(run.run_dir)
     assert found is not None and found[1]["images"] == 32  # nothing committed at/after step 4
@@ -111,7 +112,7 @@ def test_deleted_shard_over_skip_budget_0_exits_4_naming_budget_and_shard(base, 
                f"data.skip_budget=0: {bad['url']} ({MICRO} samples)" in res.outputs[r], res.outputs[r][-3000:]
     assert "data failure on 2 rank(s) in step 1 (kimg 0.016)" in res.outputs[0], res.outputs[0][-3000:]
     assert "Traceback" not in res.output()
-    from etsdm_dist import checkpoint
+    from etsdm_dist.train import checkpoint
 
     assert checkpoint.find_resume(run.run_dir)[0] is None
 
@@ -122,7 +123,9 @@ def test_deleted_shard_over_skip_budget_0_exits_4_naming_budget_and_shard(base, 
 def test_bf16_zero2_tracks_fp32_and_skips_within_budget(base, data, reference, tmp_path):
     import torch
 
-    from etsdm_dist import checkpoint, export, reshard
+    from etsdm_dist.train import checkpoint
+    from etsdm_dist.train import export
+    from etsdm_dist.train import reshard
 
     url, _ = _damaged_copy(base, data, "budget5", "truncate")
     run = H.run_train("bf16-skip", base, url, 2, *RUN, "train.precision=bf16", "data.on_error=skip",

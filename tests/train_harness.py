@@ -217,7 +217,8 @@ def final_states(run_dir: str) -> tuple[dict, dict]:
 
     import torch
 
-    from etsdm_dist import checkpoint, storage
+    from etsdm_dist.train import checkpoint
+    from etsdm_dist.data import storage
 
     found, _ = checkpoint.find_resume(run_dir)
     assert found is not None, f"no committed checkpoint in {run_dir}"
@@ -243,7 +244,7 @@ def assert_same_weights(run_dir: str, ref_dir: str) -> None:
 def stats_images(run_dir: str) -> list[int]:
     import json
 
-    from etsdm_dist import storage
+    from etsdm_dist.data import storage
 
     text = storage.read_bytes(storage.join(run_dir, "stats.jsonl")).decode()
     return [json.loads(line)["images"] for line in text.splitlines()]

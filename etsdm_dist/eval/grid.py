@@ -17,7 +17,8 @@ def save_sample_grid(cfg, ema_model, schedule, device, path: str, num: int = 64)
     import numpy as np
     from PIL import Image
 
-    from . import samplers, storage
+    from etsdm_dist.diffusion import samplers
+    from etsdm_dist.data import storage
 
     res = ema_model.net.config.resolution
     ch = ema_model.net.config.in_channels

@@ -40,7 +40,8 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from etsdm_dist import reshard, storage
+from etsdm_dist.train import reshard
+from etsdm_dist.data import storage
 from etsdm_dist.config import ConfigError
 
 CHECKPOINTS = "checkpoints"

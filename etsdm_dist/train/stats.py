@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from . import dist, storage
+from etsdm_dist import dist
+from etsdm_dist.data import storage
 
 
 def rss_bytes() -> int:

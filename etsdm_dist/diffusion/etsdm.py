@@ -134,7 +134,7 @@ class EtsdmSettings:
         return replace(self, **changes)
 
     def check_schedule(self, schedule) -> None:
-        """Cross-check against a :class:`~etsdm_dist.schedule.Schedule`."""
+        """Cross-check against a :class:`~etsdm_dist.diffusion.schedule.Schedule`."""
         if schedule.time != self.time:
             raise ValueError(f"etsdm.time ({self.time!r}) must match schedule.time ({schedule.time!r})")
         validate(enabled=self.enabled, t_tilde=self.t_tilde, n=self.n, time=self.time,

@@ -1,7 +1,7 @@
 """Epsilon-prediction training loss and per-timestep loss statistics.
 
 E-TSDM changes nothing here: t is drawn, x0 is noised at the TRUE t and the target is the true eps.
-The only E-TSDM effect is inside the :class:`~etsdm_dist.etsdm.ConditionedModel`, which conditions
+The only E-TSDM effect is inside the :class:`~etsdm_dist.diffusion.etsdm.ConditionedModel`, which conditions
 the network on f(t).
 """
 
@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .schedule import Schedule
+from etsdm_dist.diffusion.schedule import Schedule
 
 
 def sample_timesteps(batch: int, schedule: Schedule, *, device=None,

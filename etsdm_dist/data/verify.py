@@ -16,8 +16,9 @@ import struct
 import sys
 import zlib
 
-from etsdm_dist import storage, tarformat
-from etsdm_dist.shard_index import INDEX_FORMAT as FORMAT
+from etsdm_dist.data import storage
+from etsdm_dist.data import tarformat
+from etsdm_dist.data.shard_index import INDEX_FORMAT as FORMAT
 
 MAX_REPORTED = 50
 

@@ -27,15 +27,15 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from etsdm_dist import shards as S
-from etsdm_dist import storage
+from etsdm_dist.data import order as S
+from etsdm_dist.data import storage
 # The training loop, tests and bench/loader.py reach these through the loader (to_model_input,
 # ShardIndexError, load_index, decode_image, _Extent): they stay importable from here.
-from etsdm_dist.decode import decode_image, key_from_header, to_model_input  # noqa: F401
-from etsdm_dist.reads import MAX_READ_BYTES, _Extent, _ReadAhead
-from etsdm_dist.shard_index import (  # noqa: F401 - ShardIndexError: re-exported
+from etsdm_dist.data.decode import decode_image, key_from_header, to_model_input  # noqa: F401
+from etsdm_dist.data.reads import MAX_READ_BYTES, _Extent, _ReadAhead
+from etsdm_dist.data.shard_index import (  # noqa: F401 - ShardIndexError: re-exported
     IMAGE_EXTS, ShardIndex, ShardIndexError, load_index)
-from etsdm_dist.tarformat import key_at, parse_sample
+from etsdm_dist.data.tarformat import key_at, parse_sample
 
 
 class ShardDataError(OSError):

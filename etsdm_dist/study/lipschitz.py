@@ -137,7 +137,7 @@ def lipschitz_network_input(net_fn: Callable, cond_fn: Callable, x0: torch.Tenso
 
 
 def conditioned_parts(model) -> tuple:
-    """(net_fn, cond_fn, time_scale) of an :class:`~etsdm_dist.etsdm.ConditionedModel`, for
+    """(net_fn, cond_fn, time_scale) of an :class:`~etsdm_dist.diffusion.etsdm.ConditionedModel`, for
     :func:`lipschitz_network_input`. cond_fn returns what the network sees (time_scale * f(t))."""
     net = model.net
     scale = float(model.time_scale)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from etsdm_dist.tarformat import split_name
+from etsdm_dist.data.tarformat import split_name
 
 
 def decode_image(data: bytes, channels: int, formats: Sequence[str] | None = None) -> np.ndarray:

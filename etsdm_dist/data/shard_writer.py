@@ -23,8 +23,9 @@ import struct
 import sys
 import tempfile
 
-from etsdm_dist import storage, tarformat
-from etsdm_dist.shard_index import INDEX_FORMAT
+from etsdm_dist.data import storage
+from etsdm_dist.data import tarformat
+from etsdm_dist.data.shard_index import INDEX_FORMAT
 
 PROGRESS = "_progress.json"
 SKIPPED = "skipped.txt"

@@ -218,7 +218,11 @@ def keep_freed_host_memory() -> bool:
     1 thread: 105k page faults per step -> 0, optimizer step 420 -> 258 ms. The price: the heap
     never shrinks, and fragments more (resident memory 2.56 GiB instead of a 1.90 GiB peak on that
     run). So only where the accelerator is the CPU, not for optimizer offload on GPU nodes, whose
-    host memory is sized for the partitions. ETSDM_KEEP_HOST_MEMORY=0 turns it off."""
+    host memory is sized for the partitions. ETSDM_KEEP_HOST_MEMORY=0 turns it off.
+
+    Process-wide and irreversible, so only entry points that own the process call it (`etsdm
+    train`, the bench), never library code: inside a test process it made later fork()s fail with
+    ENOMEM (the never-trimmed heap inflates the address space that fork must commit)."""
     import ctypes
     import sys
 
@@ -246,8 +250,6 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, *,
         for p in model.parameters():
             if not p.data.is_contiguous():
                 p.data = p.data.contiguous()
-    if cpu:
-        keep_freed_host_memory()
     ds_cfg = deepspeed_config(cfg, world_size, load_universal=load_universal, cpu=cpu)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from etsdm_dist import storage
+from etsdm_dist.data import storage
 
 INDEX_FORMAT = "etsdm-shards/1"
 IMAGE_EXTS = ("png", "jpg", "jpeg")

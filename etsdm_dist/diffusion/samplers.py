@@ -1,7 +1,7 @@
 """Samplers with one signature: ``fn(model_fn, x_T, schedule, ts, *, generator=None, **opts) -> x``.
 
 * ``model_fn(x, t) -> eps_hat`` takes the TRUE time as a tensor [B] (float64 grid values). Wrap a
-  network in :class:`~etsdm_dist.etsdm.ConditionedModel` so E-TSDM's f(t) is applied in one place.
+  network in :class:`~etsdm_dist.diffusion.etsdm.ConditionedModel` so E-TSDM's f(t) is applied in one place.
 * ``ts`` is a decreasing grid of steps + 1 times from :func:`time_grid`. A sampler makes ``steps``
   transitions ts[i] -> ts[i+1], evaluating the model at ts[0..steps-1], and returns x at ts[-1].
   ``denoise_to_zero=True`` adds one more evaluation at ts[-1] and returns the Tweedie estimate
@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .schedule import Schedule
+from etsdm_dist.diffusion.schedule import Schedule
 
 GRID_KINDS = ("uniform", "quadratic", "logsnr")
 DPM_VARIANTS = ("dpm_solver", "dpm_solver++")

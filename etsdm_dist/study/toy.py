@@ -3,7 +3,7 @@
 Trains two identical small MLP eps-networks -- DDPM (E-TSDM disabled) and E-TSDM (t_tilde=100, n=5,
 discrete T=1000 linear schedule) -- from the same initial weights with the same data / t / noise
 streams, through ConditionedModel + diffusion_loss, so the only difference is the time condition.
-Then it measures, against the closed-form ideal eps of the mixture (etsdm_dist.gmm):
+Then it measures, against the closed-form ideal eps of the mixture (etsdm_dist.study.gmm):
 
 * analytic: the exact eps's t-Lipschitz constant, continuous time (sigma -> 0, power-law fit) and
   discrete T=1000 (sigma_0 = 0.01 > 0, so K(0) is finite);
@@ -31,12 +31,12 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from . import lipschitz as L
-from .etsdm import ConditionedModel, EtsdmSettings
-from .gmm import mmd2_rbf, rbf_self_term, ring_mixture, sliced_wasserstein
-from .loss import diffusion_loss
-from .samplers import sample
-from .schedule import make_schedule
+from etsdm_dist.study import lipschitz as L
+from etsdm_dist.diffusion.etsdm import ConditionedModel, EtsdmSettings
+from etsdm_dist.study.gmm import mmd2_rbf, rbf_self_term, ring_mixture, sliced_wasserstein
+from etsdm_dist.diffusion.loss import diffusion_loss
+from etsdm_dist.diffusion.samplers import sample
+from etsdm_dist.diffusion.schedule import make_schedule
 
 # (sampler name, grid, options). DDIM on a uniform grid never activates f (every step below
 # t_tilde is a left end); the quadratic and log-SNR grids do (PAPER.md).

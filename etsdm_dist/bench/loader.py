@@ -12,7 +12,7 @@ unrealistically big and slow to decode):
   3. decode, one core: our loader end to end (S3 read + decode + copy into the batch) and our
      decode path alone, vs Pillow's own decode of the same bytes in a tight loop (img/s)
      -- target: ours per image no slower than Pillow's.
-The S3 server is tests/s3server.py's SeaweedServer (imported by a path insert: one server helper).
+The S3 server is etsdm_dist.data.local_s3's SeaweedServer (the one the tests use).
 Numbers are best-of-N, the competing measurements interleaved; decode figures are images per
 CPU-second of the benchmark process (other processes share this machine's cores).
 """
@@ -27,9 +27,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -95,7 +92,8 @@ def photo_jpegs(count: int, res: int, quality: int, seed: int = 0) -> list[bytes
 
 
 def write_shards(url: str, jpegs: list[bytes], shard_samples: int) -> dict:
-    from etsdm_dist import storage, tarformat
+    from etsdm_dist.data import storage
+    from etsdm_dist.data import tarformat
 
     shards = []
     for s, lo in enumerate(range(0, len(jpegs), shard_samples)):
@@ -129,10 +127,10 @@ def best(fn, repeats: int) -> float:
 def run(a: argparse.Namespace) -> dict:
     import torch
 
-    from etsdm_dist import loader as L
-    from etsdm_dist import storage
+    from etsdm_dist.data import loader as L
+    from etsdm_dist.data import storage
     from etsdm_dist.config import DataConfig
-    from s3server import SeaweedServer
+    from etsdm_dist.data.local_s3 import SeaweedServer
 
     torch.set_num_threads(1)
     res: dict = {"images": a.images, "resolution": a.resolution, "micro_batch": a.micro_batch,
@@ -195,7 +193,7 @@ def run(a: argparse.Namespace) -> dict:
                 finally:
                     ld.close()
 
-            from etsdm_dist import shards as S
+            from etsdm_dist.data import order as S
             plan = S.ShardPlan(index.shard_samples, 0)
             reqs = []
             for j in range(steps):

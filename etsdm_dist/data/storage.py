@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 # The error family and the verdict are re-exported: callers catch storage.ShardReadError and
 # ask storage.is_transient, whichever module defines them.
-from etsdm_dist.retry import (  # noqa: F401 - CRED_HINT: re-exported
+from etsdm_dist.data.retry import (  # noqa: F401 - CRED_HINT: re-exported
     CRED_HINT, ShardNotFoundError, ShardReadError, StorageAccessError, explain_error,
     is_invalid_range, is_transient, sleep_backoff)
 

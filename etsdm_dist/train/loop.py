@@ -30,8 +30,9 @@ import time
 
 import torch
 
-from . import config as config_mod
-from . import dist
+from etsdm_dist import config as config_mod
+from etsdm_dist import dist
+from etsdm_dist.diffusion.build import build_model, build_schedule
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_DATA = 0, 2, 3, 4
 
@@ -41,41 +42,9 @@ EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_DATA = 0, 2, 3, 4
 
 def _mix(*values: int) -> int:
     """A 63-bit seed from integers (SplitMix64 of the sequence): noise keyed by position."""
-    from .shards import _hash
+    from etsdm_dist.data.order import _hash
 
     return _hash(*values) & ((1 << 63) - 1)
-
-
-def network_overrides(cfg) -> dict:
-    """NetworkConfig fields set in the config (None = keep the preset's value)."""
-    n = cfg.network
-    out = {}
-    for key in ("resolution", "in_channels", "base_channels", "channel_mult", "num_res_blocks",
-                "attention_resolutions", "num_heads", "head_channels", "dropout", "num_classes",
-                "use_scale_shift_norm", "resblock_updown"):
-        value = getattr(n, key)
-        if value is not None:
-            out[key] = tuple(value) if isinstance(value, list) else value
-    out["gradient_checkpointing"] = n.gradient_checkpointing
-    return out
-
-
-def build_model(cfg):
-    """The network wrapped in the E-TSDM time-condition map (the only place f(t) is applied)."""
-    from .etsdm import ConditionedModel, EtsdmSettings
-    from .network import build_network
-
-    net = build_network(cfg.network.preset, **network_overrides(cfg))
-    settings = EtsdmSettings(enabled=cfg.etsdm.enabled, t_tilde=config_mod.etsdm_t_tilde(cfg),
-                             n=cfg.etsdm.n, time=cfg.diffusion.time)
-    return ConditionedModel(net, settings)
-
-
-def build_schedule(cfg):
-    from .schedule import make_schedule
-
-    d = cfg.diffusion
-    return make_schedule(d.schedule, d.time, d.num_timesteps, d.beta_start, d.beta_end, d.cosine_s)
 
 
 def install_faults(spec: str | None) -> None:
@@ -92,7 +61,8 @@ def install_faults(spec: str | None) -> None:
     if kind != "crash_in_checkpoint":
         raise ValueError(f"ETSDM_FAULT={spec!r}: unknown fault; known: crash_in_checkpoint[@IMAGES], "
                          f"nan_loss@IMAGES")
-    from . import checkpoint, storage
+    from etsdm_dist.train import checkpoint
+    from etsdm_dist.data import storage
 
     original = storage.write_json_atomic
 
@@ -154,7 +124,7 @@ def _invalid_batch(index, micro: int, position: int) -> dict:
 def make_engine(cfg, model, world_size: int, *, load_universal: bool = False):
     """The DeepSpeed engine of the loop (and of bench/train.py): the network's stored dtypes made
     fit for ZeRO's flat buffers, deepspeed.initialize, then torch.compile when asked."""
-    from . import engine as engine_mod
+    from etsdm_dist.train import engine as engine_mod
 
     if _param_dtype(cfg) != torch.float32 and cfg.train.zero_stage >= 1:
         # FIX (found by tests/test_training_faults.py): with the time-MLP stored in fp32, a bf16
@@ -178,7 +148,7 @@ def make_engine(cfg, model, world_size: int, *, load_universal: bool = False):
 
 
 def describe_layout(cfg, launch: dist.Launch, world_size: int) -> str:
-    from . import shards
+    from etsdm_dist.data import order as shards
 
     micro, accum = config_mod.batch_layout(cfg.train.batch_images, world_size, cfg.train.micro_batch_images)
     lines = [f"launcher: {launch.launcher}  world_size: {world_size}  this process: rank {launch.rank} "
@@ -208,7 +178,7 @@ def describe_layout(cfg, launch: dist.Launch, world_size: int) -> str:
 
 
 def dry_run(cfg, launch: dist.Launch, world_size: int | None) -> int:
-    from . import engine as engine_mod
+    from etsdm_dist.train import engine as engine_mod
 
     world = world_size or launch.world_size
     print("# resolved config")
@@ -224,9 +194,14 @@ def dry_run(cfg, launch: dist.Launch, world_size: int | None) -> int:
 
 
 def training_loop(cfg, local_rank_arg: int | None = None) -> int:
-    from . import checkpoint, ema as ema_mod, engine as engine_mod, generate, stats, storage
-    from .loader import load_index, make_loader, to_model_input
-    from .loss import bucket_losses, diffusion_loss
+    from etsdm_dist.train import checkpoint
+    from etsdm_dist.train import ema as ema_mod
+    from etsdm_dist.train import engine as engine_mod
+    from etsdm_dist.eval import grid as generate
+    from etsdm_dist.train import stats
+    from etsdm_dist.data import storage
+    from etsdm_dist.data.loader import load_index, make_loader, to_model_input
+    from etsdm_dist.diffusion.loss import bucket_losses, diffusion_loss
 
     t_cfg = cfg.train
     B = t_cfg.batch_images
@@ -272,7 +247,7 @@ def training_loop(cfg, local_rank_arg: int | None = None) -> int:
     model = build_model(cfg)
     schedule = build_schedule(cfg)
     model.settings.check_schedule(schedule)
-    from .network import count_parameters
+    from etsdm_dist.diffusion.network import count_parameters
 
     log(f"network: {count_parameters(model.net) / 1e6:.3f}M parameters, preset {cfg.network.preset}")
 
@@ -517,6 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as e:
         print(f"etsdm train: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    from etsdm_dist.train import engine as engine_mod
+
+    if engine_mod.on_cpu():
+        engine_mod.keep_freed_host_memory()
     code = training_loop(cfg, local_rank)
     # The process is about to exit with everything saved. A launcher that sees the first rank exit
     # may SIGTERM the others while they are still shutting down, when our handler is gone: they

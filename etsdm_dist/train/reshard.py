@@ -43,7 +43,7 @@ _STEP = "step"
 
 
 def _safe_loads():
-    from etsdm_dist.checkpoint import weights_only_loads
+    from etsdm_dist.train.checkpoint import weights_only_loads
 
     return weights_only_loads()
 
@@ -345,7 +345,7 @@ def restore(engine, src_dir: str) -> dict[str, int]:
     """Write the canonical state in `src_dir` (see `convert`) into `engine`: fp32 masters, Adam
     moments and steps, low-precision weights, persistent buffers, DeepSpeed's step counters.
     Every rank calls it (no collectives). Returns the counters."""
-    from etsdm_dist.ema import persistent_buffers
+    from etsdm_dist.train.ema import persistent_buffers
 
     src = _Source(src_dir)
     module, opt = engine.module, engine.optimizer

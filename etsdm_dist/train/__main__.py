@@ -2,7 +2,7 @@
 torchrun -m, srun python -m, mpiexec python -m). Same as `etsdm train`."""
 import sys
 
-from etsdm_dist.training_loop import main
+from etsdm_dist.train.loop import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,7 +38,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Dense (non-sparse) peak TFLOP/s per precision. bf16/fp16: tensor cores; fp32: TF32 tensor cores
 # (torch uses them for fp32 matmul/conv only with allow_tf32 / matmul precision 'high').
@@ -77,11 +76,14 @@ def main(argv=None) -> int:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     import torch
 
-    from etsdm_dist import config as config_mod, dist, engine as engine_mod
-    from etsdm_dist.ema import EMA
-    from etsdm_dist.loss import diffusion_loss
-    from etsdm_dist.network import count_parameters, flops_per_image
-    from etsdm_dist.training_loop import _EngineModel, _mix, _param_dtype, build_model, build_schedule, make_engine
+    from etsdm_dist import config as config_mod
+    from etsdm_dist import dist
+    from etsdm_dist.train import engine as engine_mod
+    from etsdm_dist.train.ema import EMA
+    from etsdm_dist.diffusion.loss import diffusion_loss
+    from etsdm_dist.diffusion.network import count_parameters, flops_per_image
+    from etsdm_dist.train.loop import _EngineModel, _mix, _param_dtype, make_engine
+    from etsdm_dist.diffusion.build import build_model, build_schedule
 
     over = list(args.overrides)
     if args.batch:
@@ -89,6 +91,8 @@ def main(argv=None) -> int:
     over += ["train.report_kimg=0", "train.checkpoint_kimg=0", "train.sample_kimg=0"]
     cfg = config_mod.load(args.config, over)
     launch = dist.init()
+    if engine_mod.on_cpu():  # the bench owns its process, like `etsdm train`
+        engine_mod.keep_freed_host_memory()
     device = dist.device_for(launch)
     B = cfg.train.batch_images
     dtype = _param_dtype(cfg)
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
     valid = torch.ones(B, dtype=torch.bool, device=device)
     loader = None
     if args.data:
-        from etsdm_dist.loader import load_index, make_loader, to_model_input
+        from etsdm_dist.data.loader import load_index, make_loader, to_model_input
 
         index = load_index(args.data)
         if index.resolution and (index.channels, *index.resolution) != (ch, res, res):
