@@ -2,7 +2,7 @@
 # The issue's GPU measurement, as ONE device call (about 8 minutes on an H200, most of it
 # torch.compile). Here first:  bash bench/gpu_prepare.sh   (wheels into .whl/, git-ignored); then
 #   device run, carry [".whl"], command "bash bench/gpu_check.sh", timeout_s 600
-# Prints and writes to $OUT: the GPU, then `bench/train.py` for the 256 preset (113.7M parameters)
+# Prints and writes to $OUT: the GPU, then `etsdm bench train` for the 256 preset (113.7M parameters)
 # under DeepSpeed ZeRO-2 bf16, batch 32, every step fed from shards through our loader, beside a
 # plain PyTorch step of the same network (autocast bf16, fused AdamW): eager, then torch.compile on
 # both sides; images/s, MFU and peak memory for each. Then 1 kimg of the real `etsdm train` loop
@@ -53,8 +53,8 @@ $PY -m etsdm_dist.cli shard /tmp/etsdm-imgs /tmp/etsdm-shards --resolution "$RES
 # 2. The step benchmark, eager then compiled (each side's compile happens in the warm-up steps).
 rc=0
 for compile in $COMPILES; do
-  echo "=== bench/train.py: network.compile=$compile"
-  timeout 330 $PY bench/train.py --config configs/ffhq256.yaml --batch "$BATCH" --steps "$STEPS" \
+  echo "=== etsdm bench train: network.compile=$compile"
+  timeout 330 $PY -m etsdm_dist.bench.train --config configs/ffhq256.yaml --batch "$BATCH" --steps "$STEPS" \
     --rounds "$ROUNDS" --data /tmp/etsdm-shards --json "$OUT/bench-compile-$compile.json" \
     "${NET[@]}" network.compile=$compile data.num_workers="$WORKERS" || rc=1
 done

@@ -15,7 +15,10 @@ SUBCOMMANDS = {
     "verify": ("etsdm_dist.data.verify", "main", "check shards against their index.json"),
     "train": ("etsdm_dist.train.loop", "main", "train (DeepSpeed; run under a launcher)"),
     "export": ("etsdm_dist.train.export", "main", "write a run's EMA weights as one file"),
-    "bench": (None, None, "benchmarks: loader | train"),
+    "sample": ("etsdm_dist.eval.sample", "main", "N images from a run or export as shards/PNGs (any launcher)"),
+    "fid-ref": ("etsdm_dist.eval.fid", "ref_main", "reference FID/KID statistics of an image set (.npz)"),
+    "fid": ("etsdm_dist.eval.fid", "main", "FID and KID of samples against reference statistics"),
+    "bench": (None, None, "benchmarks: loader | train | eval"),
 }
 
 def config_main(argv: list[str]) -> int:

@@ -266,8 +266,10 @@ def _mpi_rendezvous(launch: Launch) -> Launch:
 
 def init(local_rank_arg: int | None = None, env: dict | None = None) -> Launch:
     """Resolve the launch, export the torch.distributed variables and start the process group
-    through DeepSpeed (gloo on CPU, nccl on CUDA), with a timeout of DEEPSPEED_TIMEOUT minutes.
-    A single rank also gets a (one-member) process group so DeepSpeed runs unchanged."""
+    with plain torch.distributed (gloo on CPU, nccl on CUDA), with a timeout of DEEPSPEED_TIMEOUT
+    minutes. A single rank also gets a (one-member) process group. No DeepSpeed here, so sampling
+    jobs use this facade without it; deepspeed.initialize (train/) later wraps this group in
+    deepspeed.comm instead of creating another."""
     global _LAUNCH
     env = os.environ if env is None else env
     launch = parse_launch(env, local_rank_arg)
@@ -282,17 +284,30 @@ def init(local_rank_arg: int | None = None, env: dict | None = None) -> Launch:
     device = device_for(launch)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    import deepspeed
-
-    # The shared-memory comm op JIT-compiles for minutes and training never uses it.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False, verbose=False,
-                                   timeout=datetime.timedelta(minutes=timeout_minutes(env)),
-                                   rank=launch.rank, world_size=launch.world_size)
+        kwargs: dict[str, Any] = {}
+        if device.type == "cuda" and launch.world_size > 1 and _bind_device_ok():
+            kwargs["device_id"] = device  # what DeepSpeed's init did: eager NCCL communicators
+        # env:// (as DeepSpeed's init used): the store at MASTER_ADDR:MASTER_PORT exported above,
+        # or torchrun's agent store when it provides one.
+        torch.distributed.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
+            timeout=datetime.timedelta(minutes=timeout_minutes(env)), rank=launch.rank,
+            world_size=launch.world_size, **kwargs)
     _LAUNCH = launch
     return launch
+
+
+def _bind_device_ok() -> bool:
+    """init_process_group(device_id=...) exists (torch >= 2.3) and does not hang (it did in
+    2.6.0 < torch < 2.7.1, pytorch#153960)."""
+    import inspect
+
+    from torch.torch_version import TorchVersion
+
+    version = TorchVersion(torch.__version__.split("+")[0])
+    return ("device_id" in inspect.signature(torch.distributed.init_process_group).parameters
+            and not ("2.6.0" < version < "2.7.1"))
 
 
 def launch_info() -> Launch:

@@ -12,7 +12,7 @@ MPIEXEC=${MPIEXEC:-mpiexec}
 if [[ "${LAUNCH:-mpiexec}" == deepspeed ]]; then
   exec deepspeed --hostfile "${HOSTFILE:?set HOSTFILE}" --launcher mpich --force_multi --no_ssh_check \
     --master_addr "${MASTER_ADDR:-$(head -n1 "$HOSTFILE" | awk '{print $1}')}" \
-    --master_port "${MASTER_PORT:-29500}" "$(cd "$(dirname "$0")/.." && pwd)/etsdm_dist/train.py" "$@"
+    --master_port "${MASTER_PORT:-29500}" "$(cd "$(dirname "$0")/.." && pwd)/launchers/etsdm_train.py" "$@"
 fi
 HOSTS=()
 if [[ -n "${MPI_HOSTS:-}" ]]; then HOSTS=(-hosts "$MPI_HOSTS"); fi

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/s3server.py importable
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_harness, ds_worker, daemons importable
 
 # One intra-op thread everywhere: tests compare in-process steps with ranks in subprocesses bit for
 # bit, and a conv/matmul split over a different number of threads rounds differently. (Ranks get

@@ -94,13 +94,16 @@ def train(engine, ema, cfg, steps: range) -> int:
         x, y = batch(step, cfg.train.batch_images)
         per_rank = cfg.train.batch_images // world
         x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+        applied = False
         for m in range(accum):
             xs, ys = x[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro]
             dtype = next(engine.module.parameters()).dtype
             loss = (engine(xs.to(dtype)).float() - ys).pow(2).mean()
             stepped = E.engine_micro_step(engine, loss)
             assert stepped == (m == accum - 1)
-        ema.update(images)
+            applied |= stepped
+        if applied:  # as train.step does: the EMA follows applied optimizer steps only
+            ema.update(images)
     return images
 
 

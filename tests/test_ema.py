@@ -106,3 +106,74 @@ def test_zero3_single_rank_state_is_the_full_weights():
     after, now = ema.full_state(1), full_params(engine)
     for n in full:
         torch.testing.assert_close(after[n], 0.5 * before[n] + 0.5 * now[n], rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- EDM ramp-up
+
+
+def _independent_beta(decay, batch, images, ratio):
+    """EDM's formula written out again: half-life in images, capped, back to a per-step beta."""
+    import math
+
+    half_life = batch * math.log(0.5) / math.log(decay)
+    return 0.5 ** (batch / max(min(half_life, ratio * images), 1e-8))
+
+
+def test_rampup_decay_formula():
+    from etsdm_dist.train.ema import rampup_decay
+
+    d, B, r = 0.999, 64, 0.05  # half-life 44,329 images; the cap binds below 886,580 images
+    assert rampup_decay(d, B, 10**7, None) is d and rampup_decay(d, B, 64, None) is d
+    assert rampup_decay(d, B, 10**7, r) == d  # cap not binding: the configured decay, exactly
+    assert rampup_decay(d, B, 0, r) == 0.0  # nothing trained yet: the EMA is the weights
+    # at images = k * B the capped half-life is r*k*B, so beta = 0.5 ** (1 / (r*k))
+    for k in (1, 10, 100, 1000):
+        assert rampup_decay(d, B, k * B, r) == pytest.approx(0.5 ** (1 / (r * k)), rel=1e-12)
+    betas = [rampup_decay(d, B, k * B, r) for k in range(1, 20000, 97)]
+    assert all(a < b for a, b in zip(betas, betas[1:]) if b < d)  # grows until it reaches d
+    assert max(betas) == d and min(betas) < 1e-6
+
+
+def test_short_run_follows_the_ramp_and_none_is_the_fixed_decay():
+    net = TinyNet()
+    # half-lives 52.6 (0.9) and 551.7 (0.99) images: the cap (= images) binds for 0.9's first
+    # 6 steps and for all 8 of 0.99's
+    B, ratio, decays = 8, 1.0, [0.9, 0.99]
+    ramped = EMA(net, decays, batch_images=B, rampup_ratio=ratio)
+    fixed = EMA(net, decays, batch_images=B)  # ratio None
+    loose = EMA(net, decays, batch_images=B, rampup_ratio=1e9)  # a cap that never binds
+    ref = [{n: p.detach().clone() for n, p in net.named_parameters()} for _ in decays]
+    fixed_ref = [{n: p.detach().clone() for n, p in net.named_parameters()} for _ in decays]
+    seen = []
+    for step in range(8):
+        _perturb(net, step)
+        images = (step + 1) * B
+        for e in (ramped, fixed, loose):
+            e.update(images)
+        seen.append(ramped.decays_at(images))
+        for i, d in enumerate(decays):
+            beta = _independent_beta(d, B, images, ratio)
+            assert seen[-1][i] == pytest.approx(beta, rel=1e-12)
+            for n, p in net.named_parameters():
+                ref[i][n] = torch.lerp(p.detach(), ref[i][n], beta)
+                fixed_ref[i][n] = torch.lerp(fixed_ref[i][n], p.detach(), 1.0 - d)
+    assert [s[0] for s in seen[6:]] == [0.9] * 2 and seen[5][0] < 0.9  # 0.9 reached at 56 images
+    assert all(a[1] < b[1] < 0.99 for a, b in zip(seen, seen[1:]))  # 0.99 still ramping
+    for i in range(2):
+        got, plain, unbound = ramped.full_state(i), fixed.full_state(i), loose.full_state(i)
+        for n in ref[i]:
+            torch.testing.assert_close(got[n], ref[i][n], rtol=1e-5, atol=1e-6)
+            assert torch.equal(plain[n], fixed_ref[i][n]), n  # None: the fixed decay, bit for bit
+            assert torch.equal(unbound[n], plain[n]), n
+            assert not torch.allclose(got[n], plain[n])  # the ramp changed the average
+
+
+def test_rampup_from_config_and_bad_ratio():
+    cfg = make_cfg(ema_rampup_ratio=0.05, batch_images=4)
+    ema = EMA.from_config(TinyNet(), cfg)
+    assert (ema.rampup_ratio, ema.batch_images) == (0.05, 4)
+    assert EMA.from_config(TinyNet(), make_cfg()).rampup_ratio is None
+    with pytest.raises(ValueError, match="train.ema_rampup_ratio"):
+        EMA(TinyNet(), [0.9], batch_images=8, rampup_ratio=0.0)
+    with pytest.raises(ValueError, match="train.batch_images"):
+        EMA(TinyNet(), [0.9], rampup_ratio=0.05)

@@ -121,7 +121,9 @@ def test_bf16_input_gives_fp32():
     (dict(t_tilde=0, n=5, time="discrete"), "etsdm.t_tilde"),
     (dict(t_tilde=10.5, n=5, time="discrete"), "etsdm.t_tilde"),
     (dict(t_tilde=2.0, n=5, time="continuous"), "etsdm.t_tilde"),
-    (dict(t_tilde=0.1, n=5, time="ct"), "etsdm.time"),
+    (dict(t_tilde=0.1, n=5, time="ct"), "diffusion.time"),  # the time kind is diffusion's setting
+    (dict(t_tilde=float("nan"), n=5, time="discrete"), "etsdm.t_tilde"),
+    (dict(t_tilde=float("inf"), n=5, time="discrete"), "etsdm.t_tilde"),
 ])
 def test_invalid_settings_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -137,7 +139,9 @@ def test_settings_defaults_and_schedule_check():
     d.check_schedule(make_schedule())
     with pytest.raises(ValueError, match=r"etsdm\.t_tilde"):
         d.with_(t_tilde=200, n=5).check_schedule(make_schedule(num_timesteps=100))
-    with pytest.raises(ValueError, match=r"etsdm\.time"):
+    with pytest.raises(ValueError, match=r"diffusion\.num_timesteps"):
+        d.with_(t_tilde=200, n=5).check_schedule(make_schedule(num_timesteps=100))
+    with pytest.raises(ValueError, match=r"diffusion\.time"):
         d.check_schedule(make_schedule(time="continuous"))
 
 
@@ -176,3 +180,48 @@ def test_conditioned_model_continuous_scale_and_baseline():
     t = torch.rand(8) * 999
     base(torch.zeros(8, 1), t)
     assert torch.equal(net.seen[-1][0], t)
+
+
+# --------------------------------------------------------------------------- one rule, one default
+
+
+@pytest.mark.parametrize("time, t_tilde, n, T, ok", [
+    ("discrete", 100, 5, 1000, True),
+    ("discrete", 1000, 8, 1000, True),  # t_tilde == T is allowed
+    ("discrete", 1001, 1, 1000, False),
+    ("discrete", 200, 5, 100, False),  # beyond a shorter chain
+    ("discrete", 100, 3, 1000, False),
+    ("discrete", 10.5, 1, 1000, False),
+    ("continuous", 0.1, 5, 1000, True),
+    ("continuous", 1.0, 3, 1000, True),
+    ("continuous", 1.5, 5, 1000, False),
+])
+def test_config_and_model_apply_the_same_rule(time, t_tilde, n, T, ok):
+    from etsdm_dist import config
+
+    over = [f"diffusion.time={time}", f"etsdm.t_tilde={t_tilde}", f"etsdm.n={n}", f"diffusion.num_timesteps={T}"]
+    try:
+        config.load(None, over)
+        config_ok = True
+    except config.ConfigError:
+        config_ok = False
+    try:
+        EtsdmSettings(enabled=True, t_tilde=t_tilde, n=n, time=time).check_schedule(
+            make_schedule(time=time, num_timesteps=T))
+        model_ok = True
+    except ValueError:
+        model_ok = False
+    assert config_ok == model_ok == ok
+
+
+@pytest.mark.parametrize("time", ["discrete", "continuous"])
+def test_config_default_is_the_settings_default(time):
+    from etsdm_dist import config
+    from etsdm_dist.diffusion import build
+
+    cfg = config.load(None, [f"diffusion.time={time}", "network.preset=tiny"])
+    assert cfg.etsdm.t_tilde is None  # null in the config: the default for the time kind
+    with torch.device("meta"):
+        model = build.build_model(cfg)
+    assert model.settings == EtsdmSettings.defaults_for(time)
+    assert config.etsdm_t_tilde(cfg) == model.settings.t_tilde

@@ -20,7 +20,7 @@ def _check(base, reference, name, cmd, launcher, env_extra=None):
     shutil.rmtree(run_dir, ignore_errors=True)
     res = H.launch_cmd([*cmd, *H.train_args(str(run_dir), H.ensure_shards(base), *overrides[name])],
                        base / f"logs-{name}", timeout_s=240,
-                       env_extra={"ETSDM_STEP_LOG": str(step_log), "MASTER_PORT": str(H.free_port()),
+                       env_extra={"ETSDM_TEST_STEP_LOG": str(step_log), "MASTER_PORT": str(H.free_port()),
                                   **(env_extra or {})})
     out = res.outputs[0]
     assert res.returncodes == [0], res.output()[-4000:]
@@ -70,7 +70,7 @@ def test_torchrun_two_nodes(base, reference, rendezvous):
     shutil.rmtree(run_dir, ignore_errors=True)
     args = H.train_args(str(run_dir), H.ensure_shards(base), "train.zero_stage=2", "train.total_kimg=0.064")
     port = H.free_port()
-    common = {"ETSDM_STEP_LOG": str(step_log), "NNODES": "2"}
+    common = {"ETSDM_TEST_STEP_LOG": str(step_log), "NNODES": "2"}
     if rendezvous == "static":
         envs = [dict(common, NODE_RANK=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for n in (0, 1)]
     else:

@@ -11,9 +11,11 @@ What this exercises that a one-node launch does not:
 - the remote ranks get a fresh ssh session's environment, not the caller's: only what DeepSpeed's
   runner exports reaches them (PYTHON* variables, and the KEY=VALUE lines of its `.deepspeed_env`
   file, here named by DS_ENV_FILE). DS_ACCELERATOR, OMP_NUM_THREADS, GLOO_SOCKET_IFNAME,
-  DEEPSPEED_TIMEOUT, ETSDM_STEP_LOG and the venv PATH travel that way. Two of them are checked by
-  the result: without ETSDM_STEP_LOG rank 0 writes no step log, and without OMP_NUM_THREADS=1 the
-  ranks use every core and the losses stop matching the reference (seen here: the 4th step's loss
+  DEEPSPEED_TIMEOUT, ETSDM_TEST_STEP_LOG and the venv PATH travel that way (PYTHONPATH, with the
+  test hooks that write the step log, travels as a PYTHON* variable). Two of them are checked by
+  the result: without ETSDM_TEST_STEP_LOG or the hooks on PYTHONPATH rank 0 writes no step log,
+  and without OMP_NUM_THREADS=1 the ranks use every core and the losses stop matching the
+  reference (seen here: the 4th step's loss
   differed in its last bits when DS_ACCELERATOR and OMP_NUM_THREADS were left out of the file).
 
 Every wait is bounded (H.launch_cmd kills the launcher's process group on timeout; the fixture kills
@@ -35,7 +37,7 @@ pytestmark = pytest.mark.slow
 HOSTS = ("localhost", "127.0.0.1")  # two distinct names to DeepSpeed and pdsh, one machine
 # What the ranks need from the test's environment (H.base_env), sent through DeepSpeed's env file.
 FORWARD = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME", "DEEPSPEED_TIMEOUT", "PATH",
-           "ETSDM_STEP_LOG")
+           "ETSDM_TEST_STEP_LOG")
 
 
 @pytest.fixture
@@ -64,7 +66,7 @@ def test_deepspeed_launcher_two_nodes_over_ssh(base, reference, sshd):
     # DeepSpeed reads DS_ENV_FILE (default .deepspeed_env) in ~ and in the current directory; an
     # absolute name makes both lookups this file, so a developer's own ~/.deepspeed_env or
     # ./.deepspeed_env cannot leak in. Each line must be KEY=VALUE (no comments, no blank lines).
-    wanted = H.base_env(ETSDM_STEP_LOG=str(step_log))
+    wanted = H.base_env(ETSDM_TEST_STEP_LOG=str(step_log))
     env_file = sshd.dir / "deepspeed_env"
     env_file.write_text("".join(f"{k}={wanted[k]}\n" for k in FORWARD))
     args = H.train_args(str(run_dir), H.ensure_shards(base), "train.zero_stage=1", "train.total_kimg=0.064")
@@ -90,7 +92,7 @@ def test_deepspeed_launcher_two_nodes_over_ssh(base, reference, sshd):
     rows = [t.split() for t in table if t.split()[:1] in (["0"], ["1"]) and len(t.split()) >= 5
             and t.split()[3].isdigit()]
     assert sorted((r[0], r[1], r[2]) for r in rows) == [("0", "0", "0"), ("1", "1", "0")], why("rank table")
-    assert step_log.exists(), why("no step log: ETSDM_STEP_LOG did not reach rank 0 over ssh")
+    assert step_log.exists(), why("no step log: ETSDM_TEST_STEP_LOG or the test hooks did not reach rank 0 over ssh")
     steps = H.read_step_log(step_log)
     ref = dict(reference.steps)
     assert [i for i, _ in steps] == [16, 32, 48, 64], why(f"steps {steps}")

@@ -6,7 +6,6 @@ import json
 import os
 import time
 import tarfile
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -87,7 +86,7 @@ def gid_of(index: dict, shard: int, i: int) -> int:
 def cfg(**kw) -> DataConfig:
     base = DataConfig(url="", hflip=False, num_workers=0, prefetch_factor=2, on_error="raise",
                       skip_budget=1, retries=0, retry_backoff_s=0.0)
-    return replace(base, **kw)
+    return base.replace(**kw)
 
 
 def take(ld, n):

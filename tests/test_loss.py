@@ -111,7 +111,7 @@ def test_same_seed_same_loss():
 
 def test_loss_rejects_mismatched_schedule():
     m = ConditionedModel(lambda x, t: x, EtsdmSettings.defaults_for("discrete"))
-    with pytest.raises(ValueError, match=r"etsdm\.time"):
+    with pytest.raises(ValueError, match=r"diffusion\.time"):
         diffusion_loss(m, torch.zeros(2, 1), make_schedule(time="continuous"))
 
 

@@ -248,3 +248,74 @@ def test_torch_compile_fullgraph_no_breaks():
     ref = net(x, t, y)
     compiled = torch.compile(net, backend="eager", fullgraph=True)
     assert torch.allclose(compiled(x, t, y), ref, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- one definition of the settings
+
+
+def test_the_config_section_is_the_network_config():
+    from etsdm_dist import config
+
+    assert config.Config.model_fields["network"].annotation is NetworkConfig
+    cfg = config.load(None, ["network.preset=tiny"])
+    assert isinstance(cfg.network, NetworkConfig)
+    assert cfg.network.model_dump() == build_network("tiny").config.model_dump()
+
+
+def test_every_network_field_is_settable_from_a_config():
+    """groups and out_channels (unreachable before) and the rest reach the built network."""
+    from etsdm_dist import config
+    from etsdm_dist.diffusion import build
+
+    over = ["network.preset=tiny", "network.groups=16", "network.out_channels=2", "network.base_channels=16",
+            "network.num_classes=3", "network.use_scale_shift_norm=true", "network.fp32_time_path=false"]
+    cfg = config.load("configs/ci_tiny.yaml", over)
+    torch.manual_seed(0)
+    net = build.build_model(cfg).net
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 16 for m in norms)
+    assert net.conv_out.out_channels == 2 and net.conv_in.in_channels == 1
+    assert net.conv_in.out_channels == 16 and net.time_embed.keep_fp32 is False
+    assert net.config.use_scale_shift_norm and net.config.num_classes == 3
+    x = torch.randn(2, 1, 32, 32)
+    assert net(x, torch.tensor([1.0, 500.0]), torch.tensor([0, 2])).shape == (2, 2, 32, 32)
+    # Every field of the one definition is accepted by the config loader.
+    for name, info in NetworkConfig.model_fields.items():
+        value = getattr(cfg.network, name)
+        assert config.load("configs/ci_tiny.yaml", [*over, f"network.{name}={value}"]).network == cfg.network
+
+
+def test_preset_fills_only_fields_not_given():
+    cfg = NetworkConfig(preset="tiny", base_channels=16)
+    assert cfg.base_channels == 16 and cfg.groups == PRESETS["tiny"]["groups"]
+    assert cfg.channel_mult == PRESETS["tiny"]["channel_mult"]
+    plain = NetworkConfig(preset=None, resolution=16, channel_mult=[1, 2], attention_resolutions=[8])
+    assert plain.base_channels == NetworkConfig.model_fields["base_channels"].default
+    # The stored (resolved) tree rebuilds the same architecture, even under another preset name.
+    resolved = NetworkConfig(preset="tiny").model_dump()
+    assert NetworkConfig(**resolved) == NetworkConfig(preset="tiny")
+    with torch.device("meta"):
+        same = NetworkConfig(**{**resolved, "preset": "256"})
+        assert count_parameters(UNet(same)) == count_parameters(build_network("tiny"))
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"dropout": float("nan")}, "network.dropout"),
+    ({"base_channels": -32}, "network.base_channels"),
+    ({"groups": 0}, "network.groups"),
+    ({"out_channels": 0}, "network.out_channels"),
+    ({"resolution": True}, "network.resolution"),
+    ({"num_heads": 0}, "network.num_heads"),
+    ({"num_heads": -2}, "network.num_heads"),
+])
+def test_non_finite_negative_and_bool_values_name_the_field(overrides, field):
+    with pytest.raises(ValueError) as e:
+        build_network("tiny", **overrides)
+    assert str(e.value).startswith(field), str(e.value)
+
+
+def test_replace_validates():
+    cfg = NetworkConfig(preset="tiny")
+    assert cfg.replace(groups=16).groups == 16 and cfg.groups == 8
+    with pytest.raises(ValueError, match=r"network\.groups"):
+        cfg.replace(groups=7)

@@ -172,10 +172,9 @@ def resume(root: str, source: str, stage: int, precision: str) -> dict:
 def main(argv: list[str]) -> int:
     """`save ROOT stage:precision,...` or `resume ROOT source:stage:precision,...` (all ranks)."""
     mode, root, specs = argv[0], argv[1], argv[2].split(",")
-    E.skip_shm_comm_jit()
-    import deepspeed
+    from etsdm_dist import dist
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    dist.init()  # plain torch.distributed; deepspeed.initialize wraps that group
     results = {}
     for spec in specs:
         if mode == "save":

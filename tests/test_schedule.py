@@ -138,11 +138,11 @@ def test_range_and_field_errors():
         sch.alpha(torch.tensor([1000]))
     with pytest.raises(ValueError, match="out of range"):
         make_schedule("linear", "continuous").alpha(torch.tensor([1.5]))
-    with pytest.raises(ValueError, match="schedule.kind"):
+    with pytest.raises(ValueError, match="diffusion.schedule"):
         make_schedule("sigmoid")
-    with pytest.raises(ValueError, match="schedule.time"):
+    with pytest.raises(ValueError, match="diffusion.time"):
         make_schedule("linear", "ct")
-    with pytest.raises(ValueError, match="schedule.beta_start"):
+    with pytest.raises(ValueError, match="diffusion.beta_start"):
         make_schedule("linear", beta_start=0.03)
 
 

@@ -116,12 +116,19 @@ def test_resume_is_byte_identical(fashion_mnist_dir, tmp_path, s3_bucket, monkey
     ref = str(tmp_path / "ref")
     assert shard(fashion_mnist_dir, ref, *args) == 0
     dst = s3_bucket + "/resumed"
-    monkeypatch.setenv(shard_writer.FAIL_ENV, "2")  # the job dies after uploading 2 shards
+    write_json_atomic = storage.write_json_atomic
+
+    def die_after_2_shards(path, obj, **kw):  # the job dies right after recording its 2nd shard
+        write_json_atomic(path, obj, **kw)
+        if path.endswith("/_progress.json") and len(obj["shards"]) == 2:
+            raise RuntimeError("injected failure after 2 shards")
+
+    monkeypatch.setattr(storage, "write_json_atomic", die_after_2_shards)
     with pytest.raises(RuntimeError, match="injected failure"):
         shard(fashion_mnist_dir, dst, *args)
     assert not storage.exists(dst + "/index.json")
     assert len(storage.read_json(dst + "/_progress.json")["shards"]) == 2
-    monkeypatch.delenv(shard_writer.FAIL_ENV)
+    monkeypatch.setattr(storage, "write_json_atomic", write_json_atomic)
     capsys.readouterr()
     assert shard(fashion_mnist_dir, dst, *args) == 0
     assert "resuming after 2 shards" in capsys.readouterr().err

@@ -97,7 +97,7 @@ def _submit(slurm: S.SlurmCluster, base: Path, name: str, *overrides: str, sbatc
     # the script's `python` is the venv's, DS_ACCELERATOR=cpu, gloo on lo, OMP_NUM_THREADS=1 (the
     # script keeps a value it is given), DEEPSPEED_TIMEOUT=2. No MASTER_ADDR / MASTER_PORT: dist.py
     # must derive both from SLURM_* on every task.
-    env = H.base_env(ETSDM_STEP_LOG=str(step_log))
+    env = H.base_env(ETSDM_TEST_STEP_LOG=str(step_log))
     config, *settings = H.train_args(str(run_dir), H.ensure_shards(base), *overrides)
     r = slurm.run("sbatch", "--parsable", f"--job-name=etsdm-{name}", *THIS_MACHINE, *sbatch_opts,
                   f"--output={output}", SCRIPT, config, *settings, *train_opts, env=env, cwd=str(H.REPO))

@@ -42,7 +42,7 @@ def test_zero3_matches_and_nan_stops_all_ranks(base, data, reference):
     """ZeRO-3 vs ZeRO-2 losses; a NaN on one rank stops every rank at the same step, loudly,
     without writing a checkpoint for the poisoned step."""
     run = H.run_train("zero3-nan", base, data, 2, "train.zero_stage=3", "train.total_kimg=0.128",
-                      env_extra={"ETSDM_FAULT": "nan_loss@80"})
+                      env_extra={"ETSDM_TEST_FAULT": "nan_loss@80"})
     assert run.result.returncodes == [3, 3], run.result.output()
     out = run.result.outputs[0]
     assert "non-finite loss at step 5 (kimg 0.080)" in out, out[-2000:]
@@ -89,9 +89,9 @@ def test_crash_in_checkpoint_on_s3_keeps_previous(base, reference, s3_bucket):
     data = H.make_shards(f"{s3_bucket}/fmnist32")
     run_dir = f"{s3_bucket}/run"
     run = H.run_train("crash-ckpt", base, data, 2, *H.REF_OVERRIDES, run_dir=run_dir,
-                      env_extra={"ETSDM_FAULT": "crash_in_checkpoint@128"})
+                      env_extra={"ETSDM_TEST_FAULT": "crash_in_checkpoint@128"})
     assert run.result.returncodes[0] == 17, run.result.output()
-    assert "ETSDM_FAULT: crashing before writing" in run.result.outputs[0]
+    assert "ETSDM_TEST_FAULT: crashing before writing" in run.result.outputs[0]
     from etsdm_dist.train import checkpoint
     from etsdm_dist.data import storage
 

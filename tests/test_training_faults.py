@@ -124,6 +124,7 @@ def test_bf16_zero2_tracks_fp32_and_skips_within_budget(base, data, reference, t
     import torch
 
     from etsdm_dist.train import checkpoint
+    from etsdm_dist import run_dir
     from etsdm_dist.train import export
     from etsdm_dist.train import reshard
 
@@ -151,7 +152,7 @@ def test_bf16_zero2_tracks_fp32_and_skips_within_budget(base, data, reference, t
     assert found is not None and found[1]["images"] == 64
     ema, _ = H.final_states(run.run_dir)
     assert ema and {v.dtype for v in ema.values() if v.is_floating_point()} == {torch.float32}
-    state, _ = export.load_exported(export.export(run.run_dir, str(tmp_path / "ema.safetensors")))
+    state, _ = run_dir.load_exported(export.export(run.run_dir, str(tmp_path / "ema.safetensors")))
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
 
     # -- DeepSpeed's model-states file holds the engine's module parameters in their own dtype:

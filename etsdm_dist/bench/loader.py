@@ -24,7 +24,6 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 
@@ -179,7 +178,7 @@ def run(a: argparse.Namespace) -> dict:
 
             def loader_run(workers: int, decode: bool, count: int, clock=time.perf_counter,
                            coalesce: bool = True):
-                ld = L.make_loader(replace(cfg, num_workers=workers), index, seed=0,
+                ld = L.make_loader(cfg.replace(num_workers=workers), index, seed=0,
                                    start_position=0, batch_images=b, world_size=1, rank=0,
                                    micro_batch_images=b, decode=decode, read_ahead=a.read_ahead,
                                    **({} if coalesce else {"group": 1, "max_read_bytes": 1}))
@@ -212,7 +211,7 @@ def run(a: argparse.Namespace) -> dict:
                                rank=0, micro_batch_images=b, decode=False)
             ext_reqs, seen = [], set()
             for item in ds._schedule(plan, 0, 1):
-                if isinstance(item, L._Extent):
+                if isinstance(item, L.Extent):
                     ext_reqs.append((paths[item.shard], item.lo, item.hi))
                 elif item[0] >= steps - 1:
                     break

@@ -1,14 +1,17 @@
 """`etsdm bench train`: what our training step costs over a plain PyTorch loop.
 
-Both sides train the same network (same preset, same initial weights) on the same in-memory batch
-with the same loss code (E-TSDM-conditioned eps-MSE) and AdamW with gradient clipping:
+All sides train the same network (same preset, same initial weights) on the same in-memory batch
+(uint8, converted on the device each step as the loop does) with the same loss code
+(E-TSDM-conditioned eps-MSE) and AdamW with gradient clipping:
 
   plain        lr from the image counter (the same warm-up) -> model(x) -> loss -> backward
                -> clip_grad_norm_ -> AdamW.step   (torch only)
   plain + EMA  the same, plus one torch._foreach_lerp_ per train.ema_decays entry over the fp32
                parameters: the cheapest EMA a hand-written loop could have
-  ours         the loop's step: DeepSpeed engine (ZeRO stage as configured) + set_lr from the image
-               counter + valid-sample masking + EMA update + the per-step all-reduce of stop/NaN flags
+  ours         the loop's step itself (train.step.TrainStep, which the training loop calls):
+               set_lr from the image counter, the DeepSpeed engine (ZeRO stage as configured),
+               valid-sample masking, per-timestep loss sums, the EMA on applied steps and the
+               per-step all-reduce of the stop/NaN/data flags with the loss sum
 
 All sides use torch's default AdamW on CPU (what the engine's generated config selects there); on
 GPU plain uses torch's fused AdamW and ours DeepSpeed's FusedAdam.
@@ -18,15 +21,17 @@ noisy shared machine hurts all sides alike; per-step times are medians over all 
 each overhead is the median over iterations of the ratio of neighbouring steps:
   overhead vs plain        ours / plain - 1          (the headline; target <= 10%)
   overhead vs plain + EMA  ours / (plain + EMA) - 1  (the engine alone, with the EMA's cost removed)
-Data loading is excluded by default (bench/loader.py measures it); `--data URL` feeds every step
-of every side from shards through our loader instead (the issue's "with data from shards").
+Data loading is excluded by default (`etsdm bench loader` measures it); `--data URL` feeds every
+step of every side from shards through our loader instead.
 
 On a GPU it also reports images/s, model FLOP utilisation and peak memory. MFU counts the network's
 forward FLOPs per image (network.flops_per_image: matmul/conv/attention by torch's FlopCounterMode)
 times 3 for forward + backward, divided by the dense peak of the card at the training precision from
 PEAK_TFLOPS below (no sparsity). Those are vendor datasheet numbers for SXM parts.
 
-Single process: `python bench/train.py [--preset tiny] [--batch 32] [--steps 20] [--rounds 3]`.
+Without --config it runs the built-in config with network.preset=tiny at batch 32 (nothing from a
+source tree is needed); `etsdm bench train --config configs/fmnist32.yaml network.preset=32` runs
+another. One process: `etsdm bench train [--batch 32] [--steps 20] [--rounds 3]`.
 """
 from __future__ import annotations
 
@@ -37,6 +42,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+# Without --config: the built-in defaults made small enough for a CPU smoke run.
+BUILTIN_OVERRIDES = ("network.preset=tiny", "train.batch_images=32")
 
 
 # Dense (non-sparse) peak TFLOP/s per precision. bf16/fp16: tensor cores; fp32: TF32 tensor cores
@@ -57,7 +65,8 @@ def peak_for(device_name: str, precision: str) -> float | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="etsdm bench train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "ci_tiny.yaml"))
+    p.add_argument("--config", default=None,
+                   help=f"YAML run file (default: the built-in config with {' '.join(BUILTIN_OVERRIDES)})")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. network.preset=32")
     p.add_argument("--batch", type=int, default=None, help="images per step (default: train.batch_images)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
@@ -78,24 +87,29 @@ def main(argv=None) -> int:
 
     from etsdm_dist import config as config_mod
     from etsdm_dist import dist
-    from etsdm_dist.train import engine as engine_mod
-    from etsdm_dist.train.ema import EMA
+    from etsdm_dist.data.decode import to_model_input
+    from etsdm_dist.diffusion.build import build_model, build_schedule
     from etsdm_dist.diffusion.loss import diffusion_loss
     from etsdm_dist.diffusion.network import count_parameters, flops_per_image
-    from etsdm_dist.train.loop import _EngineModel, _mix, _param_dtype, make_engine
-    from etsdm_dist.diffusion.build import build_model, build_schedule
+    from etsdm_dist.train import engine as engine_mod
+    from etsdm_dist.train.ema import EMA
+    from etsdm_dist.seeds import seed63
+    from etsdm_dist.train.step import TrainStep, make_engine, param_dtype
 
-    over = list(args.overrides)
+    over = [] if args.config else list(BUILTIN_OVERRIDES)
+    over += list(args.overrides)
     if args.batch:
         over.append(f"train.batch_images={args.batch}")
-    over += ["train.report_kimg=0", "train.checkpoint_kimg=0", "train.sample_kimg=0"]
+    # One micro-batch per step on both sides; no reports, checkpoints or grids.
+    over += ["train.micro_batch_images=null", "train.report_kimg=0", "train.checkpoint_kimg=0",
+             "train.sample_kimg=0"]
     cfg = config_mod.load(args.config, over)
     launch = dist.init()
     if engine_mod.on_cpu():  # the bench owns its process, like `etsdm train`
         engine_mod.keep_freed_host_memory()
     device = dist.device_for(launch)
     B = cfg.train.batch_images
-    dtype = _param_dtype(cfg)
+    dtype = param_dtype(cfg.train.precision)
     schedule = build_schedule(cfg)
 
     torch.manual_seed(cfg.train.seed)
@@ -103,11 +117,14 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.train.seed)
     our_model = build_model(cfg)
     res, ch = plain_model.net.config.resolution, plain_model.net.config.in_channels
-    x_fixed = (torch.rand(B, ch, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
-    valid = torch.ones(B, dtype=torch.bool, device=device)
+    # One in-memory batch in the loader's format (uint8 images, all valid), or the loader itself.
+    fixed = {"images": torch.randint(0, 256, (B, ch, res, res), dtype=torch.uint8,
+                                     generator=torch.Generator().manual_seed(0)),
+             "labels": torch.full((B,), -1, dtype=torch.long), "positions": torch.arange(B),
+             "valid": torch.ones(B, dtype=torch.bool)}
     loader = None
     if args.data:
-        from etsdm_dist.data.loader import load_index, make_loader, to_model_input
+        from etsdm_dist.data.loader import load_index, make_loader
 
         index = load_index(args.data)
         if index.resolution and (index.channels, *index.resolution) != (ch, res, res):
@@ -116,11 +133,9 @@ def main(argv=None) -> int:
         loader = make_loader(cfg.data, index, seed=cfg.train.seed, start_position=0, batch_images=B,
                              world_size=1, rank=0, micro_batch_images=B)
 
-    def next_x0() -> torch.Tensor:
-        """The step's images: the next loader batch (shared by all sides, in turn) or the fixed one."""
-        if loader is None:
-            return x_fixed
-        return to_model_input(next(loader)["images"], device, torch.float32)
+    def next_batch() -> dict:
+        """The step's batch: the next loader batch (shared by all sides, in turn) or the fixed one."""
+        return fixed if loader is None else next(loader)
 
     # ---- plain PyTorch
     o = cfg.optim
@@ -141,8 +156,8 @@ def main(argv=None) -> int:
         plain_images[0] += B
         for group in opt.param_groups:
             group["lr"] = engine_mod.lr_at(cfg, plain_images[0])
-        gen = torch.Generator(device=device).manual_seed(_mix(1, i))
-        x0 = next_x0()
+        gen = torch.Generator(device=device).manual_seed(seed63(1, i))
+        x0 = to_model_input(next_batch()["images"], device, torch.float32)
         with autocast:
             per, _ = diffusion_loss(plain_fn, x0, schedule, generator=gen)
         loss = per.mean()
@@ -163,25 +178,13 @@ def main(argv=None) -> int:
             for decay, ema_list in zip(cfg.train.ema_decays, plain_emas):
                 torch._foreach_lerp_(ema_list, src, 1.0 - float(decay))
 
-    # ---- ours (the loop's per-step work, minus data loading)
-    engine = make_engine(cfg, our_model, 1)  # the loop's: bf16 dtype fix-up, compile
-    ema = EMA.from_config(engine, cfg)
-    model_fn = _EngineModel(engine, our_model.settings, dtype)
-    images = [0]
+    # ---- ours: the training loop's step
+    engine = make_engine(cfg, our_model, 1)
+    train_step = TrainStep(cfg, engine, EMA.from_config(engine, cfg), schedule, device=device)
+    batches = iter(next_batch, None)  # endless: next_batch never returns None
 
     def our_step(i: int) -> None:
-        engine_mod.set_lr(engine, engine_mod.lr_at(cfg, images[0] + B))
-        gen = torch.Generator(device=device).manual_seed(_mix(1, i))
-        per, t = diffusion_loss(model_fn, next_x0(), schedule, generator=gen)
-        vf = valid.to(per.dtype)
-        loss = (per * vf).sum() / vf.sum().clamp(min=1.0)
-        engine_mod.engine_micro_step(engine, loss)
-        ema.update(images[0] + B)
-        images[0] += B
-        # the loop's one host sync per step: stop/NaN flags and the loss sum, all-reduced together
-        flags = torch.zeros(4, dtype=torch.float64, device=device)
-        flags[2], flags[3] = per.detach().sum(), B
-        dist.all_reduce(flags, "sum").cpu()
+        train_step(batches)
 
     def sync():
         if device.type == "cuda":

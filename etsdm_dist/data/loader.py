@@ -1,13 +1,13 @@
-"""Shard bytes -> uint8 image batches, in the global order of shards.py, resumable from one cursor.
+"""Shard bytes -> uint8 image batches, in the global order of order.py, from any start position.
 
 The assembly step of loading: the IterableDataset that turns one rank's positions into
-micro-batches, the DataLoader around it, and the ShardLoader that keeps the cursor and the bad
-shard counts. The steps it assembles live beside it: index.json -> ShardIndex (shard_index.py),
+micro-batches, the DataLoader around it, and the ShardLoader that checks their order and counts
+bad shards. The steps it assembles live beside it: index.json -> ShardIndex (shard_index.py),
 which byte ranges to read and keeping them in flight (reads.py), bytes -> pixels (decode.py).
 
 Each rank reads only its own samples, by byte range, using the per-sample offsets of index.json
-(reads.py: adjacent runs coalesce, never more than 1/4 extra bytes of other samples, in practice
-none). So there is no W-fold read amplification, and a resume starts at the exact sample without
+(reads.py: only exactly adjacent runs coalesce, so no byte of another rank's or worker's samples
+is read). So there is no W-fold read amplification, and a resume starts at the exact sample without
 reading or decoding anything before it. This is why the loader does not use webdataset's
 sequential tar iteration (the shards stay plain webdataset tars, readable by it; registering its
 s3:// opener is storage.py's business).
@@ -30,9 +30,9 @@ import torch
 from etsdm_dist.data import order as S
 from etsdm_dist.data import storage
 # The training loop, tests and bench/loader.py reach these through the loader (to_model_input,
-# ShardIndexError, load_index, decode_image, _Extent): they stay importable from here.
+# ShardIndexError, load_index, decode_image, Extent): they stay importable from here.
 from etsdm_dist.data.decode import decode_image, key_from_header, to_model_input  # noqa: F401
-from etsdm_dist.data.reads import MAX_READ_BYTES, _Extent, _ReadAhead
+from etsdm_dist.data.reads import MAX_READ_BYTES, Extent, ReadAhead
 from etsdm_dist.data.shard_index import (  # noqa: F401 - ShardIndexError: re-exported
     IMAGE_EXTS, ShardIndex, ShardIndexError, load_index)
 from etsdm_dist.data.tarformat import key_at, parse_sample
@@ -110,9 +110,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         # the micro-batch being assembled are in flight, in threads (sockets and Pillow release
         # the GIL). Object stores give bandwidth to concurrent requests, not to one long stream.
         # An extent covers adjacent spans of several upcoming micro-batches where that is
-        # possible (_Extent.take): fewer, larger requests, which cost the server far less CPU per
+        # possible (Extent.take): fewer, larger requests, which cost the server far less CPU per
         # byte. Memory: at most (read_ahead + 1) extents of <= max_read_bytes each.
-        ahead = _ReadAhead(max(1, self.read_ahead))
+        ahead = ReadAhead(max(1, self.read_ahead))
         self._aheads.add(ahead)
         try:
             schedule = self._schedule(plan, w, k)
@@ -122,7 +122,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 while not pending or sum(e.seq > pending[0][1][-1][1].seq
                                          for e in inflight) < ahead.threads:
                     item = next(schedule)
-                    if isinstance(item, _Extent):
+                    if isinstance(item, Extent):
                         item.fut = ahead.submit(self._read_extent, item)
                         inflight.append(item)
                     else:
@@ -152,7 +152,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         """This worker's reads and micro-batches in order, forever: each extent (once it can grow
         no more), then the micro-batches `(j, [(span, extent, lo, hi), ...])` complete with it.
         A micro-batch comes only after every extent it needs."""
-        ext: _Extent | None = None
+        ext: Extent | None = None
         seq = 0
         waiting: list = []  # micro-batches whose last span is in `ext`
         for j in S.worker_micro_batches(w, k, self.group):
@@ -165,12 +165,12 @@ class ShardStream(torch.utils.data.IterableDataset):
                         yield ext
                         yield from waiting
                         waiting = []
-                    ext = _Extent(seq, sp.shard, lo, hi)
+                    ext = Extent(seq, sp.shard, lo, hi)
                     seq += 1
                 parts.append((sp, ext, lo, hi))
             waiting.append((j, parts))
 
-    def _read_extent(self, ext: _Extent) -> bytes | OSError:
+    def _read_extent(self, ext: Extent) -> bytes | OSError:
         try:
             return self._read(self.index.shard_url(ext.shard), ext.lo, ext.hi)
         except OSError as e:  # handled per sample by _samples (salvage / invalid)
@@ -358,11 +358,11 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 class ShardLoader:
-    """Iterates one rank's micro-batches in order, forever; keeps error counts and the cursor.
+    """Iterates one rank's micro-batches in order, forever; keeps error counts.
 
-    state_dict() == {"seed", "position"}: the global image cursor after the complete global
-    batches handed out so far (equal to the training image counter when the loop consumes one
-    micro-batch per accumulation step).
+    `position` (and state_dict()["position"]) is the global position after the complete global
+    batches handed out so far: a loader made with start_position=position continues exactly. The
+    training loop does not store it: its own image counter is that same number.
     """
 
     def __init__(self, dataset: ShardStream, dataloader, skip_budget: int):

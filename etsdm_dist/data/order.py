@@ -24,23 +24,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-_MASK64 = (1 << 64) - 1
-
-
-def splitmix64(x: int) -> int:
-    """One step of SplitMix64: a fast, well-mixed 64-bit hash, identical on every platform."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _hash(*values: int) -> int:
-    h = 0x243F6A8885A308D3
-    for v in values:
-        h = splitmix64(h ^ (v & _MASK64))
-    return h
-
+from etsdm_dist.seeds import mix, splitmix64
 
 def epoch_permutation(num_shards: int, seed: int, epoch: int) -> list[int]:
     """The shard order of one epoch: a Fisher-Yates shuffle driven by a hash of (seed, epoch).
@@ -49,7 +33,7 @@ def epoch_permutation(num_shards: int, seed: int, epoch: int) -> list[int]:
     silently change the data order of a resumed run.
     """
     perm = list(range(num_shards))
-    state = _hash(seed, epoch, 0x5EED)
+    state = mix(seed, epoch, 0x5EED)
     for i in range(num_shards - 1, 0, -1):
         state = splitmix64(state)
         j = state % (i + 1)  # bias ~ i / 2**64: irrelevant
@@ -59,7 +43,7 @@ def epoch_permutation(num_shards: int, seed: int, epoch: int) -> list[int]:
 
 def hflip(seed: int, position: int) -> bool:
     """Whether the sample at this global position is mirrored: reproducible on resume."""
-    return bool(_hash(seed, position, 0xF11B) & 1)
+    return bool(mix(seed, position, 0xF11B) & 1)
 
 
 @dataclass(frozen=True)

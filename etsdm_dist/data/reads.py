@@ -4,12 +4,12 @@ A micro-batch of one rank is a few contiguous runs of samples inside shards (sha
 each run is one byte range [offsets[first], offsets[first+count]) of its shard, from the
 per-sample offsets of index.json: an HTTP range request on s3:// or http://, a seek locally.
 Runs of upcoming micro-batches that are adjacent in a shard (one rank; a worker's group of
-consecutive micro-batches) are fetched as ONE larger read of up to MAX_READ_BYTES (`_Extent`):
+consecutive micro-batches) are fetched as ONE larger read of up to MAX_READ_BYTES (`Extent`):
 a server spends CPU per request, and object stores give bandwidth to concurrent requests, not
-to one long stream (`_ReadAhead`). Separate from loader.py because this is the I/O policy alone;
+to one long stream (`ReadAhead`). Separate from loader.py because this is the I/O policy alone;
 what the bytes mean (samples, images, bad shards) is the loader's business. ShardStream._schedule
-walks the micro-batches and applies `_Extent.take`; both keep their underscore names because
-bench/loader.py reaches them as loader._Extent.
+walks the micro-batches and applies `Extent.take`; both keep their underscore names because
+bench/loader.py reaches them as loader.Extent.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import threading
 from concurrent.futures import Future
 
 
-class _ReadAhead:
+class ReadAhead:
     """A few daemon threads running range reads. Daemon, unlike ThreadPoolExecutor's: a read
     still retrying against a dead server must not hold up interpreter exit."""
 
@@ -76,7 +76,7 @@ class _ReadAhead:
 MAX_READ_BYTES = 32 << 20  # the largest coalesced range read (one extent)
 
 
-class _Extent:
+class Extent:
     """One range read [lo, hi) of shard `shard`: the spans of one or more upcoming micro-batches
     of this worker. `seq` numbers extents in read order."""
 

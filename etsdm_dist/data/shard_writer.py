@@ -30,7 +30,6 @@ from etsdm_dist.data.shard_index import INDEX_FORMAT
 PROGRESS = "_progress.json"
 SKIPPED = "skipped.txt"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-FAIL_ENV = "ETSDM_SHARD_FAIL_AFTER_SHARDS"  # test hook: fail after N shards, like a killed job
 
 
 class ShardError(Exception):
@@ -317,14 +316,12 @@ def run(a: argparse.Namespace) -> dict:
     key_width = max(9, len(str(len(sources))))
     remote = storage.is_remote(dst)
     stage_dir = tempfile.mkdtemp(prefix="etsdm-shard-") if remote else dst
-    fail_after = int(os.environ.get(FAIL_ENV, "0") or 0)
-    written_now = 0
     cur: _Shard | None = None
     pending_skips: list[list[str]] = []
     resolutions: set = set()
 
     def flush(next_source: int) -> None:
-        nonlocal cur, written_now
+        nonlocal cur
         entry = cur.close()
         _publish(cur.path, storage.join(dst, entry["name"]))
         state["shards"].append(entry)
@@ -333,9 +330,7 @@ def run(a: argparse.Namespace) -> dict:
         state["next_source"], state["next_key"] = next_source, state["next_key"] + entry["samples"]
         state["resolutions"] = sorted({tuple(r) for r in state.get("resolutions", [])} | resolutions)
         storage.write_json_atomic(prog_path, state)
-        cur, written_now = None, written_now + 1
-        if fail_after and written_now >= fail_after:
-            raise RuntimeError(f"injected failure after {written_now} shards ({FAIL_ENV})")
+        cur = None
 
     start = state["next_source"]
     jobs = [(pos, sources[pos], opt) for pos in range(start, len(sources))]

@@ -31,7 +31,10 @@ from typing import Optional
 
 import torch
 
-TIME_KINDS = ("discrete", "continuous")
+from etsdm_dist.diffusion.settings import DEFAULT_N, TIME_KINDS, check_etsdm, default_t_tilde
+
+__all__ = ["TIME_KINDS", "CONTINUOUS_TIME_SCALE", "validate", "condition_time", "EtsdmSettings",
+           "ConditionedModel"]
 
 # The network's sinusoidal embedding is designed for t in [0, 1000); continuous t in [0, 1] is
 # scaled up so both time kinds present the same range to it.
@@ -45,33 +48,10 @@ def _as_fp32(t: torch.Tensor) -> torch.Tensor:
 
 def validate(*, enabled: bool, t_tilde: float, n: int, time: str,
              num_timesteps: Optional[int] = None) -> None:
-    """Raise ValueError naming the offending ``etsdm.*`` field if the settings are invalid."""
-    if time not in TIME_KINDS:
-        raise ValueError(f"etsdm.time must be one of {TIME_KINDS}, got {time!r}")
-    if not isinstance(enabled, bool):
-        raise ValueError(f"etsdm.enabled must be a bool, got {enabled!r}")
-    if isinstance(n, bool) or int(n) != n or n < 1:
-        raise ValueError(f"etsdm.n must be an integer >= 1, got {n!r}")
-    if not t_tilde > 0:
-        raise ValueError(f"etsdm.t_tilde must be > 0, got {t_tilde!r}")
-    if time == "discrete":
-        if int(t_tilde) != t_tilde:
-            raise ValueError(f"etsdm.t_tilde must be an integer timestep in discrete time, got {t_tilde!r}")
-        if int(t_tilde) % int(n) != 0:
-            raise ValueError(
-                f"etsdm.n must divide etsdm.t_tilde in discrete time (each sub-interval must hold "
-                f"whole timesteps); got n={n}, t_tilde={t_tilde}. Allowed n: divisors of "
-                f"{int(t_tilde)}, e.g. {_divisors(int(t_tilde))[:8]}")
-        if num_timesteps is not None and t_tilde > num_timesteps:
-            raise ValueError(f"etsdm.t_tilde must be <= schedule.num_timesteps ({num_timesteps}), "
-                             f"got {t_tilde}")
-    else:
-        if not t_tilde <= 1.0:
-            raise ValueError(f"etsdm.t_tilde must be in (0, 1] in continuous time, got {t_tilde!r}")
+    """Raise ValueError naming the offending config field (``etsdm.*``, ``diffusion.*``).
 
-
-def _divisors(m: int) -> list:
-    return [d for d in range(1, m + 1) if m % d == 0]
+    The rules live in :func:`etsdm_dist.diffusion.settings.check_etsdm`, shared with the config."""
+    check_etsdm(enabled=enabled, t_tilde=t_tilde, n=n, time=time, num_timesteps=num_timesteps)
 
 
 @functools.lru_cache(maxsize=64)
@@ -111,11 +91,12 @@ def condition_time(t: torch.Tensor, *, enabled: bool, t_tilde: float, n: int,
 
 @dataclass(frozen=True)
 class EtsdmSettings:
-    """The ``etsdm`` config block."""
+    """The resolved E-TSDM rule a model applies: the `etsdm` config section with t_tilde's default
+    filled in (EtsdmConfig.t_tilde_for) and the time kind from `diffusion.time`."""
 
     enabled: bool = True
-    t_tilde: float = 100
-    n: int = 5
+    t_tilde: float = default_t_tilde("discrete")
+    n: int = DEFAULT_N
     time: str = "discrete"
 
     def __post_init__(self) -> None:
@@ -123,12 +104,8 @@ class EtsdmSettings:
 
     @staticmethod
     def defaults_for(time: str, enabled: bool = True) -> "EtsdmSettings":
-        """Paper defaults: discrete t_tilde=100, n=5; continuous t_tilde=0.1, n=5."""
-        if time == "discrete":
-            return EtsdmSettings(enabled=enabled, t_tilde=100, n=5, time="discrete")
-        if time == "continuous":
-            return EtsdmSettings(enabled=enabled, t_tilde=0.1, n=5, time="continuous")
-        raise ValueError(f"etsdm.time must be one of {TIME_KINDS}, got {time!r}")
+        """The paper's defaults for a time kind (discrete t_tilde=100, continuous 0.1; n=5)."""
+        return EtsdmSettings(enabled=enabled, t_tilde=default_t_tilde(time), n=DEFAULT_N, time=time)
 
     def with_(self, **changes) -> "EtsdmSettings":
         return replace(self, **changes)
@@ -136,7 +113,8 @@ class EtsdmSettings:
     def check_schedule(self, schedule) -> None:
         """Cross-check against a :class:`~etsdm_dist.diffusion.schedule.Schedule`."""
         if schedule.time != self.time:
-            raise ValueError(f"etsdm.time ({self.time!r}) must match schedule.time ({schedule.time!r})")
+            raise ValueError(f"diffusion.time: the E-TSDM settings are for {self.time!r} time but the "
+                             f"schedule is {schedule.time!r}")
         validate(enabled=self.enabled, t_tilde=self.t_tilde, n=self.n, time=self.time,
                  num_timesteps=schedule.num_timesteps if self.time == "discrete" else None)
 

@@ -2,7 +2,8 @@
 
 Public API
 ----------
-- ``NetworkConfig``: dataclass of constructor args, with ``validate()``.
+- ``NetworkConfig``: the validated architecture (defined in settings.py; it is also the
+  ``network`` section of the run config, so every field is settable from YAML).
 - ``UNet(config=None, **kwargs)``: ``net(x, t, y=None) -> eps`` (same shape/dtype as ``x``).
 - ``PRESETS``: ``{"tiny", "32", "64", "256"}`` -> dict of NetworkConfig fields.
 - ``build_network(preset=None, **overrides)``: merge + validate + build.
@@ -24,15 +25,15 @@ embedding is cast to the activation dtype inside each residual block.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from etsdm_dist.diffusion.settings import PRESETS, NetworkConfig
 
 __all__ = [
     "NetworkConfig", "UNet", "PRESETS", "build_network", "count_parameters",
@@ -48,94 +49,6 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-# ----------------------------------------------------------------------------- config
-@dataclass
-class NetworkConfig:
-    resolution: int = 32
-    in_channels: int = 3
-    out_channels: int | None = None  # None -> in_channels (epsilon prediction)
-    base_channels: int = 128
-    channel_mult: tuple = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attention_resolutions: tuple = (16,)
-    num_heads: int = 1  # -1 disables (use head_channels)
-    head_channels: int = -1  # -1 disables (use num_heads)
-    dropout: float = 0.0
-    num_classes: int = 0  # 0 = unconditional
-    use_scale_shift_norm: bool = False
-    resblock_updown: bool = False
-    groups: int = 32
-    gradient_checkpointing: bool = False
-    fp32_time_path: bool = True  # keep time-MLP/class-embedding parameters stored in fp32
-
-    def __post_init__(self):
-        if isinstance(self.channel_mult, list):
-            self.channel_mult = tuple(self.channel_mult)
-        if isinstance(self.attention_resolutions, (list, int)):
-            ar = self.attention_resolutions
-            self.attention_resolutions = (ar,) if isinstance(ar, int) else tuple(ar)
-
-    @property
-    def out_ch(self) -> int:
-        return self.in_channels if self.out_channels is None else self.out_channels
-
-    def level_resolutions(self) -> list[int]:
-        return [self.resolution // 2**i for i in range(len(self.channel_mult))]
-
-    def heads_for(self, ch: int) -> int:
-        return ch // self.head_channels if self.head_channels > 0 else self.num_heads
-
-    def validate(self) -> "NetworkConfig":
-        def err(name, msg):
-            raise ValueError(f"network.{name}: {msg}")
-
-        def pos_int(name, v, minimum=1):
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                err(name, f"must be an int >= {minimum}, got {v!r}")
-
-        pos_int("base_channels", self.base_channels)
-        pos_int("in_channels", self.in_channels)
-        if self.out_channels is not None:
-            pos_int("out_channels", self.out_channels)
-        pos_int("num_res_blocks", self.num_res_blocks)
-        pos_int("groups", self.groups)
-        pos_int("num_classes", self.num_classes, minimum=0)
-        cm = self.channel_mult
-        if not isinstance(cm, tuple) or not cm or any(
-                isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in cm):
-            err("channel_mult", f"must be a non-empty tuple of positive ints, e.g. (1, 2, 2, 2); got {cm!r}")
-        pos_int("resolution", self.resolution)
-        factor = 2 ** (len(cm) - 1)
-        if self.resolution % factor:
-            err("resolution", f"{self.resolution} must be divisible by 2**(len(channel_mult)-1) = {factor} "
-                f"(channel_mult={cm})")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            err("dropout", f"must be a float in [0, 1), got {self.dropout!r}")
-        reachable = self.level_resolutions()
-        for r in self.attention_resolutions:
-            if r not in reachable:
-                err("attention_resolutions", f"{r} is not reachable; allowed values: {reachable} "
-                    f"(resolution {self.resolution} halved per level of channel_mult)")
-        for m in cm:
-            if (self.base_channels * m) % self.groups:
-                err("groups", f"channel count {self.base_channels * m} (base_channels*{m}) is not divisible "
-                    f"by groups={self.groups}")
-        nh, hc = self.num_heads, self.head_channels
-        for name, v in (("num_heads", nh), ("head_channels", hc)):
-            if isinstance(v, bool) or not isinstance(v, int) or (v != -1 and v < 1):
-                err(name, f"must be a positive int or -1 (disabled), got {v!r}")
-        if (nh > 0) == (hc > 0):
-            err("num_heads", f"exactly one of num_heads ({nh}) / head_channels ({hc}) must be positive, "
-                "the other -1")
-        for lvl, m in enumerate(cm):
-            if reachable[lvl] not in self.attention_resolutions:
-                continue
-            ch = self.base_channels * m
-            if hc > 0 and ch % hc:
-                err("head_channels", f"{hc} does not divide attention channels {ch} at resolution {reachable[lvl]}")
-            if nh > 0 and ch % nh:
-                err("num_heads", f"{nh} does not divide attention channels {ch} at resolution {reachable[lvl]}")
-        return self
 
 
 # -------------------------------------------------------------------------- building blocks
@@ -281,10 +194,11 @@ class UNet(nn.Module):
     def __init__(self, config: NetworkConfig | None = None, **kwargs: Any):
         super().__init__()
         if config is None:
-            config = NetworkConfig(**kwargs)
+            config = NetworkConfig.parse(kwargs)
         elif kwargs:
-            config = dataclasses.replace(config, **kwargs)
-        self.config = cfg = config.validate()
+            config = config.replace(**kwargs)
+        # A private copy: the run config's section may still be edited after the network is built.
+        self.config = cfg = config.model_copy(deep=True)
         self.gradient_checkpointing = cfg.gradient_checkpointing
         base, groups = cfg.base_channels, cfg.groups
         emb_dim = 4 * base
@@ -368,41 +282,12 @@ class UNet(nn.Module):
         return h.to(x.dtype)
 
 
-# ------------------------------------------------------------------------------ presets
-PRESETS: dict[str, dict[str, Any]] = {
-    # CPU tests / toy runs (e.g. 32x32 grayscale).
-    "tiny": dict(resolution=32, in_channels=1, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                 attention_resolutions=(16,), num_heads=2, head_channels=-1, dropout=0.0, groups=8),
-    # DDPM CIFAR-10 (Ho et al. 2020): 35.7M params.
-    "32": dict(resolution=32, in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-               attention_resolutions=(16,), num_heads=1, head_channels=-1, dropout=0.1),
-    # In between (ADM-ish 64x64): multi-resolution attention with 64-channel heads, FiLM norm.
-    "64": dict(resolution=64, in_channels=3, base_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
-               attention_resolutions=(32, 16, 8), num_heads=-1, head_channels=64, dropout=0.1,
-               use_scale_shift_norm=True, resblock_updown=True),
-    # DDPM 256x256 (CelebA-HQ / LSUN): ~114M params.
-    "256": dict(resolution=256, in_channels=3, base_channels=128, channel_mult=(1, 1, 2, 2, 4, 4),
-                num_res_blocks=2, attention_resolutions=(16,), num_heads=1, head_channels=-1, dropout=0.0),
-}
-
-
 def build_network(preset: str | None = None, **overrides: Any) -> UNet:
-    """Build a UNet from ``PRESETS[preset]`` (or defaults) updated with ``overrides``.
+    """Build a UNet from ``PRESETS[preset]`` (or the NetworkConfig defaults) updated with ``overrides``.
 
     Overriding only one of ``num_heads``/``head_channels`` with a positive value
     disables (-1) the other.  Raises ValueError naming the offending ``network.<field>``."""
-    if preset is not None and str(preset) not in PRESETS:
-        raise ValueError(f"network.preset: unknown preset {preset!r}; allowed values: {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(NetworkConfig)}
-    for k in overrides:
-        if k not in fields:
-            raise ValueError(f"network.{k}: unknown field; allowed fields: {sorted(fields)}")
-    args = dict(PRESETS[str(preset)]) if preset is not None else {}
-    for a, b in (("num_heads", "head_channels"), ("head_channels", "num_heads")):
-        if a in overrides and b not in overrides and isinstance(overrides[a], int) and overrides[a] > 0:
-            args[b] = -1
-    args.update(overrides)
-    return UNet(NetworkConfig(**args))
+    return UNet(NetworkConfig.parse({"preset": preset, **overrides}))
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -421,7 +306,7 @@ def flops_per_image(net: UNet, resolution: int | None = None, in_channels: int |
     res = resolution or cfg.resolution
     cin = in_channels or cfg.in_channels
     with torch.device("meta"):
-        meta_net = UNet(dataclasses.replace(cfg, in_channels=cin, gradient_checkpointing=False))
+        meta_net = UNet(cfg.replace(in_channels=cin, gradient_checkpointing=False))
         x = torch.zeros(1, cin, res, res)
         t = torch.zeros(1)
         y = torch.zeros(1, dtype=torch.long) if cfg.num_classes > 0 else None

@@ -56,7 +56,7 @@ def discrete_betas(kind: str, num_timesteps: int, beta_start: float, beta_end: f
         f = _cosine_f(steps, cosine_s)
         # Clipping keeps the last beta below 1 so alpha_bar stays positive (finite log-SNR).
         return torch.clamp(1.0 - f[1:] / f[:-1], max=0.999)
-    raise ValueError(f"schedule.kind must be one of {SCHEDULE_KINDS}, got {kind!r}")
+    raise ValueError(f"diffusion.schedule must be one of {SCHEDULE_KINDS}, got {kind!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,19 +206,19 @@ def make_schedule(kind: str = "linear", time: str = "discrete", num_timesteps: i
 
     ``continuous_t_min`` is where continuous-time samplers stop (DPM-Solver's default 1e-3)."""
     if kind not in SCHEDULE_KINDS:
-        raise ValueError(f"schedule.kind must be one of {SCHEDULE_KINDS}, got {kind!r}")
+        raise ValueError(f"diffusion.schedule must be one of {SCHEDULE_KINDS}, got {kind!r}")
     if time not in TIME_KINDS:
-        raise ValueError(f"schedule.time must be one of {TIME_KINDS}, got {time!r}")
+        raise ValueError(f"diffusion.time must be one of {TIME_KINDS}, got {time!r}")
     if int(num_timesteps) != num_timesteps or num_timesteps < 2:
-        raise ValueError(f"schedule.num_timesteps must be an integer >= 2, got {num_timesteps!r}")
+        raise ValueError(f"diffusion.num_timesteps must be an integer >= 2, got {num_timesteps!r}")
     num_timesteps = int(num_timesteps)
     if kind in ("linear", "quadratic") and not (0.0 < beta_start <= beta_end < 1.0):
-        raise ValueError("schedule.beta_start / schedule.beta_end must satisfy "
+        raise ValueError("diffusion.beta_start / diffusion.beta_end must satisfy "
                          f"0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
     if kind == "cosine" and not cosine_s > 0.0:
-        raise ValueError(f"schedule.cosine_s must be > 0, got {cosine_s}")
+        raise ValueError(f"diffusion.cosine_s must be > 0, got {cosine_s}")
     if time == "continuous" and not (0.0 < continuous_t_min < 0.5):
-        raise ValueError(f"schedule.continuous_t_min must be in (0, 0.5), got {continuous_t_min}")
+        raise ValueError(f"make_schedule(continuous_t_min=...) must be in (0, 0.5), got {continuous_t_min}")
     table = None
     if time == "discrete":
         betas = discrete_betas(kind, num_timesteps, beta_start, beta_end, cosine_s)

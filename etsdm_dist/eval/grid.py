@@ -3,11 +3,23 @@ every `train.sample_kimg`. Every sampler sees the E-TSDM map through the Conditi
 the sampler and its settings come from the config's `sample` section."""
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
 import torch
 
+
+def sampler_options(sample_cfg) -> dict[str, Any]:
+    """The `sample` fields that the chosen sampler takes as keyword options, by name.
+
+    The sampler's own signature decides (samplers.SAMPLERS), so a `sample` field reaches every
+    sampler that has an option of that name and no other: no hand-kept table to drift."""
+    from etsdm_dist.diffusion import samplers
+
+    params = inspect.signature(samplers.SAMPLERS[sample_cfg.sampler]).parameters
+    return {k: v for k, v in sample_cfg.model_dump().items()
+            if k in params and params[k].kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def save_sample_grid(cfg, ema_model, schedule, device, path: str, num: int = 64) -> None:
@@ -25,14 +37,10 @@ def save_sample_grid(cfg, ema_model, schedule, device, path: str, num: int = 64)
     g = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 12345)
     x_T = torch.randn(num, ch, res, res, generator=g).to(device)
     s = cfg.sample
-    opts: dict[str, Any] = {}
-    if s.sampler == "ddim":
-        opts["eta"] = s.eta
-    elif s.sampler.startswith("dpm_solver"):
-        opts["order"] = s.order
-    elif s.sampler == "ddpm":
-        opts["variance"] = s.variance
-        opts["generator"] = torch.Generator(device=device).manual_seed(cfg.train.seed + 54321)
+    opts = sampler_options(s)
+    # Every sampler takes a generator; the stochastic ones (DDPM, DDIM with eta > 0) draw from it,
+    # so their grids are as reproducible as the deterministic ones.
+    opts["generator"] = torch.Generator(device=device).manual_seed(cfg.train.seed + 54321)
     dtype = next(ema_model.parameters()).dtype
     with torch.no_grad():
         x = samplers.sample(s.sampler, lambda x, t: ema_model(x.to(dtype), t).float(), x_T, schedule,

@@ -6,7 +6,7 @@ Layout under train.run_dir:
 
 Save order (`save`, collective): every rank stages its own files in a private local dir, hashes
 them and publishes them (rename into place, or upload) -> barrier -> rank 0 writes manifest.json
-(size + sha256 of every file, world size, stage, precision, config, counters, RNG) -> COMMITTED
+(size + sha256 of every file, world size, stage, precision, config, counters) -> COMMITTED
 (holding the manifest's sha256) -> `latest` -> retention. A crash at any point leaves either the
 previous committed checkpoint or the new one; `find_resume` never picks a partial one.
 
@@ -17,20 +17,16 @@ per-parameter state into a local cache (ds_to_universal for ZeRO-1/2/3 sources),
 writes it into its normally built engine. Every direction among ZeRO 0/1/2/3, world sizes and
 fp32/bf16 is exact for fp32 masters, Adam moments and steps.
 
-Unpickling: our files are loaded with weights_only=True. DeepSpeed 0.19.8 calls
-torch.load(weights_only=False) throughout its checkpoint code (TorchCheckpointEngine.load,
-ds_to_universal, universal_checkpoint, stage3). `weights_only_loads()` forces weights_only=True on
-every torch.load made while DeepSpeed loads or converts, allowing only four plain-data DeepSpeed
-types its files contain (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address).
+Unpickling: our files are loaded with weights_only=True. DeepSpeed calls
+torch.load(weights_only=False) throughout its checkpoint code, so every DeepSpeed file is first
+checked with the weights-only loader (plus the four plain-data DeepSpeed types its files contain)
+before DeepSpeed opens it: deepspeed_adapter.check_files / load_checkpoint / to_canonical.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import random
-import re
 import shutil
 import socket
 import tempfile
@@ -40,26 +36,12 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from etsdm_dist.train import deepspeed_adapter as ds
 from etsdm_dist.train import reshard
 from etsdm_dist.data import storage
 from etsdm_dist.config import ConfigError
-
-CHECKPOINTS = "checkpoints"
-MARKER = "COMMITTED"
-MANIFEST = "manifest.json"
-EMA_FILE = "ema.pt"
-LATEST = "latest"
-FORMAT = 1
-_NAME = re.compile(r"^ckpt-(\d{12})$")
-
-
-def ckpt_name(images: int) -> str:
-    return f"ckpt-{int(images):012d}"
-
-
-def ckpt_images(name: str) -> int | None:
-    m = _NAME.match(name)
-    return int(m.group(1)) if m else None
+from etsdm_dist.run_dir import (CHECKPOINTS, EMA_FILE, FORMAT, LATEST, MANIFEST, MARKER, ckpt_images,  # noqa: F401
+                                ckpt_name, file_sizes, find_resume, is_gone, sha256_file, verify)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -74,7 +56,7 @@ def _barrier() -> None:
 
 
 def _gather(obj: Any) -> list[Any]:
-    """Every rank's `obj` (small, JSON-able: file lists, RNG states, host names)."""
+    """Every rank's `obj` (small, JSON-able: file lists, host names)."""
     if _rank_world()[1] == 1:
         return [obj]
     out: list[Any] = [None] * _rank_world()[1]
@@ -90,74 +72,10 @@ def cache_root(cache_dir: str | None = None) -> str:
     return root
 
 
-def _sha256(path: str) -> str:
-    """Streaming sha256 of a local file or remote object."""
-    h = hashlib.sha256()
-    with (open(path, "rb") if not storage.is_remote(path) else storage.open_reader(path)) as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- RNG as plain data
-
-
-def capture_rng() -> dict:
-    """This process's RNG states as JSON-able data (hex strings / int lists, no pickles)."""
-    import numpy as np
-
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, mt, gauss_next = random.getstate()
-    out = {
-        "torch": torch.get_rng_state().numpy().tobytes().hex(),
-        "numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
-        "python": {"version": version, "state": list(mt), "gauss_next": gauss_next},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state().numpy().tobytes().hex()
-    return out
-
-
-def restore_rng(state: dict) -> None:
-    import numpy as np
-
-    torch.set_rng_state(torch.frombuffer(bytearray.fromhex(state["torch"]), dtype=torch.uint8))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray.fromhex(state["cuda"]), dtype=torch.uint8))
-
-
 # --------------------------------------------------------------------------- weights-only loading
 
-
-def _ds_safe_globals() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Within this block every torch.load (DeepSpeed's included) is weights_only=True."""
-    original = torch.load
-
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    torch.load = load
-    try:
-        with torch.serialization.safe_globals(_ds_safe_globals()):
-            yield
-    finally:
-        torch.load = original
+# torch.load(weights_only=True) inside this block also accepts DeepSpeed's plain-data types.
+weights_only_loads = ds.weights_only_loads
 
 
 # --------------------------------------------------------------------------- save
@@ -176,8 +94,9 @@ def save(engine, ema, cfg, *, images: int, loader_cursor: Any = None, stats: Any
          cache_dir: str | None = None) -> str:
     """Write checkpoint `ckpt-{images}` under cfg.train.run_dir (collective: all ranks call).
 
-    `loader_cursor`, `stats`: JSON-able loop state returned by `load`. This rank's RNG states are
-    captured here. Returns the checkpoint path once committed (and `latest` updated).
+    `loader_cursor`, `stats`: JSON-able loop state returned by `load`. No RNG state: the loop
+    reseeds every step from the image counter. Returns the checkpoint path once committed (and
+    `latest` updated).
     """
     run_dir = cfg.train.run_dir
     rank, world = _rank_world()
@@ -208,7 +127,7 @@ def save(engine, ema, cfg, *, images: int, loader_cursor: Any = None, stats: Any
             src = os.path.join(stage, fname)
             if not os.path.isfile(src):
                 raise RuntimeError(f"unexpected directory {src} in DeepSpeed's checkpoint output")
-            files[fname] = {"size": os.path.getsize(src), "sha256": _sha256(src)}
+            files[fname] = {"size": os.path.getsize(src), "sha256": sha256_file(src)}
             if remote:
                 storage.upload_file(src, storage.join(final, fname))
             else:
@@ -216,7 +135,7 @@ def save(engine, ema, cfg, *, images: int, loader_cursor: Any = None, stats: Any
     finally:
         shutil.rmtree(stage_parent, ignore_errors=True)
 
-    per_rank = _gather({"files": files, "rng": capture_rng()})
+    per_rank = _gather({"files": files})
     _barrier()  # every rank's files are in place (uploads confirmed) before anything commits
 
     if rank == 0:
@@ -236,9 +155,8 @@ def save(engine, ema, cfg, *, images: int, loader_cursor: Any = None, stats: Any
             "config": cfg.to_dict(),
             "loader_cursor": loader_cursor,
             "stats": stats,
-            "rng": [entry["rng"] for entry in per_rank],
             "files": all_files,
-            "versions": {"torch": torch.__version__, "deepspeed": _ds_version()},
+            "versions": {"torch": torch.__version__, "deepspeed": ds.check_version()},
             "created_unix": time.time(),
         }
         data = (json.dumps(manifest, indent=1) + "\n").encode()
@@ -250,12 +168,6 @@ def save(engine, ema, cfg, *, images: int, loader_cursor: Any = None, stats: Any
                         round(cfg.train.checkpoint_kimg * 1000))
     _barrier()
     return final
-
-
-def _ds_version() -> str:
-    import deepspeed
-
-    return deepspeed.__version__
 
 
 # --------------------------------------------------------------------------- retention
@@ -285,101 +197,13 @@ def apply_retention(run_dir: str, newest: int, keep_last: int, milestone_every: 
         path = storage.join(root, name)
         if storage.exists(storage.join(path, MARKER)):
             (victims.append(name) if n > newest else committed.append(n))
-        elif n != newest and not _is_gone(path):
+        elif n != newest and not is_gone(path):
             victims.append(name)
     keep = retained(committed, keep_last, milestone_every, checkpoint_images) | {newest}
     victims += [ckpt_name(n) for n in committed if n not in keep]
     for name in sorted(victims):
         _rmtree(storage.join(root, name))
     return sorted(victims)
-
-
-# --------------------------------------------------------------------------- find
-
-
-def _sizes(path: str) -> dict[str, int]:
-    """File name -> size in one listing (local dir or remote prefix)."""
-    if not storage.is_remote(path):
-        return {e.name: e.stat().st_size for e in os.scandir(path) if e.is_file()}
-    fs_of = getattr(storage, "_fs", None)
-    if fs_of is None:
-        return {n: storage.size(storage.join(path, n)) for n in storage.listdir(path)}
-    fs, p = fs_of(path)
-    p = p.rstrip("/")
-    # An emptied prefix can list itself (SeaweedFS keeps directory entries): not a file in it.
-    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-            for e in fs.ls(p, detail=True)
-            if e.get("type") != "directory" and e["name"].rstrip("/") != p}
-
-
-def _is_gone(path: str) -> bool:
-    """No files left: a deleted checkpoint. Object stores with real directories (SeaweedFS's
-    filer) keep listing the empty prefix after every object under it was removed."""
-    try:
-        return not _sizes(path)
-    except FileNotFoundError:
-        return True
-
-
-def verify(path: str, *, sha256: bool = False) -> tuple[dict | None, str | None]:
-    """(manifest, None) if `path` is a committed, intact checkpoint, else (None, reason)."""
-    try:
-        marker = storage.join(path, MARKER)
-        if not storage.exists(marker):
-            return None, "no COMMITTED marker (save did not finish)"
-        data = storage.read_bytes(storage.join(path, MANIFEST))
-        if storage.read_json(marker).get("manifest_sha256") != hashlib.sha256(data).hexdigest():
-            return None, "manifest.json does not match the sha256 recorded in COMMITTED"
-        manifest = json.loads(data)
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if manifest.get("format") != FORMAT or manifest.get("name") != name:
-            return None, f"manifest format/name mismatch ({manifest.get('format')}, {manifest.get('name')})"
-        sizes = _sizes(path)
-        for fname, meta in manifest["files"].items():
-            if fname not in sizes:
-                return None, f"{fname} is missing"
-            if sizes[fname] != meta["size"]:
-                return None, f"{fname} has {sizes[fname]} bytes, manifest says {meta['size']}"
-            if sha256 and _sha256(storage.join(path, fname)) != meta["sha256"]:
-                return None, f"{fname} sha256 differs from the manifest"
-        return manifest, None
-    except Exception as e:  # unreadable JSON, storage errors: the checkpoint is not usable
-        return None, f"unreadable: {type(e).__name__}: {e}"
-
-
-def find_resume(run_dir: str, *, sha256: bool = False
-                ) -> tuple[tuple[str, dict] | None, list[tuple[str, str]]]:
-    """((path, manifest) of the newest intact committed checkpoint or None, ignored) where
-    `ignored` lists (path, reason) for every newer checkpoint dir that was skipped, for the loop
-    to log. `latest` is only cross-checked: a partial or corrupt target is reported, never used.
-    No collectives: call it on rank 0 and broadcast, or on every rank."""
-    root = storage.join(run_dir, CHECKPOINTS)
-    ignored: list[tuple[str, str]] = []
-    try:
-        names = sorted((n for n in storage.listdir(root) if ckpt_images(n) is not None),
-                       key=ckpt_images, reverse=True)
-    except FileNotFoundError:
-        names = []
-    latest = None
-    try:
-        latest = storage.read_json(storage.join(run_dir, LATEST)).get("checkpoint")
-    except Exception:
-        pass
-    found = None
-    for name in names:
-        path = storage.join(root, name)
-        manifest, reason = verify(path, sha256=sha256)
-        if manifest is not None:
-            found = (path, manifest)
-            break
-        if name != latest and _is_gone(path):
-            continue
-        if name == latest:
-            reason = f"`latest` points here, but {reason}; fell back to an older checkpoint"
-        ignored.append((path, reason))
-    if latest and latest not in names:
-        ignored.append((storage.join(root, latest), "`latest` points at a checkpoint that does not exist"))
-    return found, ignored
 
 
 # --------------------------------------------------------------------------- load
@@ -418,7 +242,7 @@ def _localize(path: str, manifest: dict, cache: str, leader: bool) -> str:
         for fname, meta in manifest["files"].items():
             dst = os.path.join(local, fname)
             storage.download_file(storage.join(path, fname), dst)
-            if _sha256(dst) != meta["sha256"]:
+            if sha256_file(dst) != meta["sha256"]:
                 raise RuntimeError(f"{storage.join(path, fname)}: sha256 differs from the manifest "
                                    f"(corrupt upload?); delete the checkpoint dir to resume from an older one")
     _barrier()
@@ -427,11 +251,10 @@ def _localize(path: str, manifest: dict, cache: str, leader: bool) -> str:
 
 def load(engine, ema, path: str, manifest: dict, cfg, world_size: int, *,
          cache_dir: str | None = None) -> dict:
-    """Restore engine (weights, optimizer, step counters), EMA and RNG from a verified checkpoint
+    """Restore engine (weights, optimizer, step counters) and EMA from a verified checkpoint
     (collective). Returns the loop state:
-    {"images", "loader_cursor", "stats", "rng_restored", "universal", "skipped_steps"}.
-    RNG states are restored only at the same world size (each rank gets its own back)."""
-    rank, _ = _rank_world()
+    {"images", "loader_cursor", "stats", "universal", "skipped_steps"}.
+    An "rng" entry of older manifests is ignored: the loop reseeds every step."""
     universal = needs_universal(manifest, cfg, world_size)
     if universal != bool(engine.load_universal_checkpoint()):
         raise RuntimeError(
@@ -461,26 +284,17 @@ def load(engine, ema, path: str, manifest: dict, cfg, world_size: int, *,
                 raise RuntimeError(f"converting checkpoint {path} failed on another host: {failures[0]}")
             reshard.restore(engine, canonical)
         else:
-            with weights_only_loads():
-                loaded, _ = engine.load_checkpoint(os.path.dirname(local.rstrip("/")), tag=name,
-                                                   load_module_strict=True, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
-            if loaded is None:
-                raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+            ds.load_checkpoint(engine, os.path.dirname(local.rstrip("/")), name)
         ema.load_state_dict(torch.load(os.path.join(local, EMA_FILE), map_location="cpu",
                                        weights_only=True))
     finally:
         _barrier()
         if leader:
             shutil.rmtree(cache, ignore_errors=True)
-    same_world = int(manifest["world_size"]) == int(world_size)
-    if same_world:
-        restore_rng(manifest["rng"][rank])
     return {
         "images": int(manifest["images"]),
         "loader_cursor": manifest.get("loader_cursor"),
         "stats": manifest.get("stats"),
-        "rng_restored": same_world,
         "universal": universal,
-        "skipped_steps": int(engine.skipped_steps),
+        "skipped_steps": ds.counters(engine)["skipped_steps"],
     }

@@ -2,12 +2,9 @@
 
 Per step there is no communication: every rank averages only the fp32 values it already owns.
 Each parameter is seen as a flat vector, and a rank keeps the EMA of one contiguous *fragment*
-[start, start + numel) of it, read from the best fp32 source DeepSpeed has:
-
-  ZeRO-3                 the rank's fp32 master partition (safe_get_local_fp32_param)
-  ZeRO-1/2, bf16 ZeRO-0  the rank's fp32 master fragment (`param._hp_mapping`)
-  fp16/bf16 unfused      the optimizer's fp32 copy of the whole param (replicated)
-  fp32 ZeRO-0, plain     the module parameter itself (replicated)
+[start, start + numel) of it, read from the best fp32 source DeepSpeed has
+(deepspeed_adapter.master_fragments: the ZeRO-3 partition, the ZeRO-1/2 master fragment, the
+fp16/bf16 wrapper's fp32 copy, or the fp32 parameter itself).
 
 Using the fp32 masters (not `param.float()` of bf16 weights) matters: an average of rounded
 weights is itself rounded. Fragments of different ranks are disjoint and cover the parameter;
@@ -15,16 +12,22 @@ replicated ones are counted once (rank 0). `state_dict()` assembles full tensors
 all-reduce at save time, so the checkpoint is world-size independent, and `load_state_dict()`
 cuts each rank's fragment out of them again for whatever world size and stage it runs under.
 
+EMA ramp-up (EDM, Karras et al. 2022; `train.ema_rampup_ratio`): a decay d per global batch of B
+images has a half-life of h = B ln(0.5) / ln(d) images. Early in training h is capped at
+ratio * images trained so far, so the per-step decay is 0.5 ** (B / min(h, ratio * images)): a
+short run's EMA forgets its random initialisation as fast as the run is long. None: fixed decays.
+
 Loop usage: `ema = EMA.from_config(engine, cfg)` after build_engine (and after checkpoint.load,
 which calls ema.load_state_dict); `ema.update(images_seen)` after every applied optimizer step.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import math
 
 import torch
 import torch.distributed as tdist
+
+from etsdm_dist.train import deepspeed_adapter as ds
 
 FORMAT = 1
 
@@ -52,70 +55,18 @@ def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-@dataclass
-class _Fragment:
-    name: str
-    shape: tuple[int, ...]
-    start: int  # offset into the flattened parameter
-    numel: int  # 0: this rank holds nothing of it
-    replicated: bool  # every rank holds the same full value: only rank 0 contributes at save
-    source: Callable[[], torch.Tensor]  # current fp32 values of [start, start + numel), 1-D
-
-
-def _full_fp32_copies(optimizer) -> dict[int, Callable[[], torch.Tensor]]:
-    """id(param) -> fp32 master copy, for DeepSpeed's fp16/bf16 optimizers without ZeRO."""
-    out: dict[int, Callable[[], torch.Tensor]] = {}
-    lp_groups = getattr(optimizer, "fp16_groups", None)
-    if lp_groups is None:
-        return out
-    if hasattr(optimizer, "fp32_groups"):  # unfused: one fp32 clone per param
-        for lps, hps in zip(lp_groups, optimizer.fp32_groups):
-            for lp, hp in zip(lps, hps):
-                out[id(lp)] = (lambda hp=hp: hp.detach().view(-1))
-    elif hasattr(optimizer, "fp32_groups_flat"):  # fused: params are views of one flat buffer
-        for i, lps in enumerate(lp_groups):
-            flat_lp, flat_hp = optimizer.fp16_groups_flat[i], optimizer.fp32_groups_flat[i]
-            for lp in lps:
-                same = lp.untyped_storage().data_ptr() == flat_lp.untyped_storage().data_ptr()
-                if same:
-                    off, n = lp.storage_offset() - flat_lp.storage_offset(), lp.numel()
-                    out[id(lp)] = (lambda o=off, n=n, h=flat_hp: h.detach().narrow(0, o, n))
-    return out
-
-
-def _fragments(module: torch.nn.Module, optimizer) -> list[_Fragment]:
-    rank, _ = _rank_world()
-    copies = _full_fp32_copies(optimizer) if optimizer is not None else {}
-    frags = []
-    for name, p in module.named_parameters():
-        if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of the flattened parameter
-            from deepspeed.utils import safe_get_local_fp32_param
-
-            part = p.ds_tensor.ds_numel
-            start = rank * part
-            n = max(0, min(part, p.ds_numel - start))
-
-            def src(p=p, n=n):
-                hp = safe_get_local_fp32_param(p) if p.requires_grad else None
-                if hp is None:  # frozen: no master copy, the partition itself is the value
-                    hp = p.ds_tensor.detach().float()
-                return hp.view(-1)[:n]
-
-            frags.append(_Fragment(name, tuple(p.ds_shape), start, n, False, src))
-        elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2, bf16 optimizer: fp32 master fragment
-            m = p._hp_mapping
-            if m is None:
-                frags.append(_Fragment(name, tuple(p.shape), 0, 0, False, lambda: torch.empty(0)))
-            else:
-                addr = m.lp_fragment_address
-                frags.append(_Fragment(name, tuple(p.shape), addr.start, addr.numel, False,
-                                       lambda m=m: m.get_hp_fragment().detach().view(-1)))
-        elif id(p) in copies:
-            frags.append(_Fragment(name, tuple(p.shape), 0, p.numel(), True, copies[id(p)]))
-        else:  # fp32 without ZeRO, frozen params, plain modules: the weights themselves
-            frags.append(_Fragment(name, tuple(p.shape), 0, p.numel(), True,
-                                   lambda p=p: p.detach().float().reshape(-1)))
-    return frags
+def rampup_decay(decay: float, batch_images: int, images_seen: int, ratio: float | None) -> float:
+    """The per-step decay after EDM's ramp-up (module docstring). `images_seen` counts the batch
+    being averaged in. Returns `decay` itself (the same float) whenever the cap does not bind."""
+    if ratio is None:
+        return decay
+    half_life = batch_images * math.log(0.5) / math.log(decay)
+    cap = ratio * images_seen
+    if cap >= half_life:
+        return decay
+    if cap <= 0:
+        return 0.0
+    return 0.5 ** (batch_images / cap)
 
 
 class EMA:
@@ -123,26 +74,43 @@ class EMA:
 
     `model` is a DeepSpeed engine or a plain nn.Module. Until the image counter passes
     `start_images`, every EMA is a copy of the weights; afterwards each applied optimizer step
-    does ema = decay * ema + (1 - decay) * weights (as one lerp per decay).
+    does ema = decay * ema + (1 - decay) * weights (as one lerp per decay), with each decay
+    ramped up (`rampup_decay`) when `rampup_ratio` is set; `batch_images` is the global batch
+    the decays are defined for (needed for the ramp-up only).
     """
 
-    def __init__(self, model, decays: list[float], start_images: int = 0):
+    def __init__(self, model, decays: list[float], start_images: int = 0, *,
+                 batch_images: int | None = None, rampup_ratio: float | None = None):
         self.module, optimizer = _unwrap(model)
         self.decays = [float(d) for d in decays]
         self.start_images = int(start_images)
+        if rampup_ratio is not None:
+            if not rampup_ratio > 0:
+                raise ValueError(f"train.ema_rampup_ratio must be > 0 or null, got {rampup_ratio}")
+            if not batch_images or batch_images <= 0:
+                raise ValueError("the EMA ramp-up (train.ema_rampup_ratio) needs the global batch "
+                                 f"size train.batch_images > 0, got {batch_images}")
+        self.rampup_ratio = None if rampup_ratio is None else float(rampup_ratio)
+        self.batch_images = batch_images
         self.num_updates = 0
         self.images = 0
-        self._frags = _fragments(self.module, optimizer)
+        self._frags = ds.master_fragments(self.module, optimizer)
         self._sharded = any(not f.replicated for f in self._frags)
         src = self._sources()
         self._ema = [[s.clone() for s in src] for _ in self.decays]
 
     @classmethod
     def from_config(cls, model, cfg) -> "EMA":
-        return cls(model, cfg.train.ema_decays, round(cfg.train.ema_start_kimg * 1000))
+        t = cfg.train
+        return cls(model, t.ema_decays, round(t.ema_start_kimg * 1000), batch_images=t.batch_images,
+                   rampup_ratio=t.ema_rampup_ratio)
+
+    def decays_at(self, images_seen: int) -> list[float]:
+        """The per-step decays `update(images_seen)` applies (after the start threshold)."""
+        return [rampup_decay(d, self.batch_images, images_seen, self.rampup_ratio) for d in self.decays]
 
     def _sources(self) -> list[torch.Tensor]:
-        return [f.source() if f.numel else torch.empty(0) for f in self._frags]
+        return [f.read() if f.numel else torch.empty(0) for f in self._frags]
 
     @torch.no_grad()
     def update(self, images_seen: int) -> None:
@@ -151,7 +119,7 @@ class EMA:
         # once (ema += (1 - decay) * (src - ema)), where mul_ + add_ made two passes over the EMA.
         # The sources are views of the fp32 masters (no copies), so this is the whole per-step cost.
         src = self._sources()
-        for decay, ema in zip(self.decays, self._ema):
+        for decay, ema in zip(self.decays_at(images_seen), self._ema):
             if images_seen <= self.start_images:
                 torch._foreach_copy_(ema, src)
             else:
@@ -185,7 +153,7 @@ class EMA:
     def _device(self) -> torch.device:
         for f in self._frags:
             if f.numel:
-                return f.source().device
+                return f.read().device
         return torch.device("cpu")
 
     def _buffers(self) -> dict[str, torch.Tensor]:

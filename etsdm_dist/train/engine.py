@@ -11,6 +11,9 @@ The loop calls, in order:
     per global batch:  set_lr(engine, lr_at(cfg, images_after_this_batch))
     per micro batch:   stepped = engine_micro_step(engine, loss)  # True once per global batch
     after a step:      grad_norm(engine), loss_scale(engine), skipped_steps(engine)
+
+DeepSpeed is used here through deepspeed.initialize and the engine's public methods only; what
+needs its internals goes through deepspeed_adapter (which also checks the installed version).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 
 from etsdm_dist.config import Config, ConfigError, batch_layout
+from etsdm_dist.train import deepspeed_adapter as ds
 
 # We print our own progress; DeepSpeed's per-step log line would only interleave with it.
 _NEVER = 2**31 - 1
@@ -58,13 +62,8 @@ _RESERVED = {
 }
 
 
-def on_cpu() -> bool:
-    """Whether DeepSpeed's accelerator is the CPU (tests, CI) rather than a GPU."""
-    if os.environ.get("DS_ACCELERATOR") == "cpu":
-        return True
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name() == "cpu"
+on_cpu = ds.on_cpu
+skip_shm_comm_jit = ds.skip_shm_comm_jit
 
 
 def _base_config(cfg: Config, world_size: int, load_universal: bool, cpu: bool) -> dict:
@@ -81,7 +80,7 @@ def _base_config(cfg: Config, world_size: int, load_universal: bool, cpu: bool) 
     fp16: dict[str, Any] = {"enabled": t.precision == "fp16"}
     if t.precision == "fp16":
         fp16.update(FP16_LOSS_SCALING)
-    ds = {
+    out = {
         "train_batch_size": t.batch_images,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
@@ -105,8 +104,8 @@ def _base_config(cfg: Config, world_size: int, load_universal: bool, cpu: bool) 
         "wall_clock_breakdown": False,
     }
     if load_universal:
-        ds["checkpoint"] = {"load_universal": True}
-    return ds
+        out["checkpoint"] = {"load_universal": True}
+    return out
 
 
 def _owner(dotted: str) -> str:
@@ -179,32 +178,17 @@ def lr_at(cfg: Config, images_seen: float) -> float:
 def set_lr(engine, lr: float) -> None:
     """Set the LR of every param group before the optimizer step.
 
-    DeepSpeed's ZeRO / bf16 wrappers expose the wrapped optimizer's param_groups (same dicts),
-    but we also walk down `.optimizer` so no wrapper keeps a stale copy.
+    Every group of the wrapped optimizers too, so no wrapper keeps a stale copy.
     """
-    opt = engine.optimizer
-    seen = set()
-    while opt is not None and id(opt) not in seen:
-        seen.add(id(opt))
-        for group in getattr(opt, "param_groups", []) or []:
-            group["lr"] = lr
-        opt = getattr(opt, "optimizer", None)
+    for group in ds.param_groups(engine):
+        group["lr"] = lr
 
 
 def current_lr(engine) -> float:
-    return float(engine.optimizer.param_groups[0]["lr"])
+    return float(ds.param_groups(engine)[0]["lr"])
 
 
 # --------------------------------------------------------------------------- engine
-
-
-def skip_shm_comm_jit() -> None:
-    """DeepSpeed JIT-compiles a shared-memory comm op (minutes on CPU) on first process-group
-    creation that training never uses; mark it incompatible so it is skipped. Must run before
-    deepspeed.initialize / init_distributed."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def keep_freed_host_memory() -> bool:
@@ -238,12 +222,10 @@ def keep_freed_host_memory() -> bool:
 
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, *,
                  load_universal: bool = False):
-    """deepspeed.initialize on `model` with the generated config; returns the engine."""
-    import deepspeed
-
+    """deepspeed.initialize on `model` with the generated config; returns the engine. Raises
+    DeepSpeedVersionError outside the supported DeepSpeed range."""
+    ds.check_version()
     cpu = on_cpu()
-    if cpu:
-        skip_shm_comm_jit()
     # DeepSpeed's bf16 model broadcast views parameters as bytes, which fails for channels_last
     # (non-contiguous) weights: hand it contiguous tensors, convert afterwards.
     with torch.no_grad():
@@ -252,10 +234,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, *,
                 p.data = p.data.contiguous()
     ds_cfg = deepspeed_config(cfg, world_size, load_universal=load_universal, cpu=cpu)
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
-    if (engine.gradient_clipping() > 0 and not engine.zero_optimization()
-            and not (engine.fp16_enabled() or engine.bfloat16_enabled())):
-        _record_clip_norm(engine)
+    engine = ds.initialize(model, params, ds_cfg)
     if cfg.network.channels_last and cfg.train.zero_stage == 0:
         # Only without ZeRO. ZeRO-1/2 copy gradients into flat buckets with grad.view(-1), which
         # raises for channels_last gradients (seen with DeepSpeed 0.19.8), and re-point weights at
@@ -265,62 +244,24 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, *,
     return engine
 
 
-def _local_grad_norm(engine) -> torch.Tensor:
-    """2-norm of the (already all-reduced) module gradients, as a device tensor (read at report
-    time, no host sync per step); for ZeRO-0 without clipping, where DeepSpeed computes none."""
-    grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-
-
-def _record_clip_norm(engine) -> None:
-    """ZeRO-0 fp32 with clipping: DeepSpeed's clip_fp32_gradients computes the global norm and
-    drops it. Keep it instead of a second pass over every gradient (same call as DeepSpeed's)."""
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    def clip_fp32_gradients():
-        engine._etsdm_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                  max_norm=engine.gradient_clipping(), mpu=engine.mpu)
-
-    engine.clip_fp32_gradients = clip_fp32_gradients
-    engine._etsdm_clip_records_norm = True
-
-
 def engine_micro_step(engine, loss: torch.Tensor) -> bool:
     """Backward + step for one micro batch. DeepSpeed scales the loss by 1/accumulation steps and
     only applies the optimizer at the accumulation boundary. Returns True when this call applied an
     optimizer step (boundary reached and, under fp16, no overflow skipped it): update the EMA then.
     """
-    boundary = engine.is_gradient_accumulation_boundary()
-    engine.backward(loss)
-    if (boundary and not hasattr(engine.optimizer, "_global_grad_norm")
-            and not getattr(engine, "_etsdm_clip_records_norm", False)):
-        engine._etsdm_grad_norm = _local_grad_norm(engine)
-    engine.step()
-    return bool(boundary and engine.was_step_applied())
+    return ds.micro_step(engine, loss)
 
 
 def grad_norm(engine) -> float | None:
     """Global gradient 2-norm of the last applied step (before clipping), or None if unknown."""
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        norm = getattr(engine, "_etsdm_grad_norm", None)
-    return None if norm is None else float(norm)
+    return ds.grad_norm(engine)
 
 
 def loss_scale(engine) -> float:
     """Current fp16 dynamic loss scale; 1.0 for fp32 / bf16."""
-    if not engine.fp16_enabled():
-        return 1.0
-    opt = engine.optimizer
-    for name in ("cur_scale", "loss_scale"):
-        value = getattr(opt, name, None)
-        if isinstance(value, (int, float)) or torch.is_tensor(value):
-            return float(value)
-    return float(opt.loss_scaler.cur_scale)
+    return ds.loss_scale(engine)
 
 
 def skipped_steps(engine) -> int:
     """Optimizer steps skipped because fp16 gradients overflowed (restored on resume)."""
-    return int(engine.skipped_steps)
+    return ds.counters(engine)["skipped_steps"]

@@ -8,48 +8,32 @@ rebuild the exact network and time map from the file alone.
     safetensors (default): tensors + metadata {"etsdm": JSON string}
     pt:                    torch.save({"state_dict": ..., "config": ...}), plain data only
 
-`load_exported(path) -> (state_dict, config_dict)` reads either (weights_only, no DeepSpeed).
+`etsdm_dist.run_dir.load_exported(path) -> (state_dict, config_dict)` reads either (weights_only,
+no DeepSpeed).
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
-import os
 import sys
-import tempfile
 
 import torch
 
 from etsdm_dist.data import storage
+from etsdm_dist.run_dir import EXPORT_FORMAT, EXPORT_META_KEY, find_resume, read_ema
 
-EXPORT_FORMAT = "etsdm-export-1"
-META_KEY = "etsdm"
-
-
-def _read_ema(ckpt_path: str, manifest: dict) -> dict:
-    """ema.pt of a verified checkpoint, sha256-checked against its manifest, weights_only."""
-    from etsdm_dist.train.checkpoint import EMA_FILE, _sha256
-
-    with tempfile.TemporaryDirectory(prefix="etsdm-export-") as tmp:
-        local = os.path.join(tmp, EMA_FILE)
-        storage.download_file(storage.join(ckpt_path, EMA_FILE), local)
-        if _sha256(local) != manifest["files"][EMA_FILE]["sha256"]:
-            raise RuntimeError(f"{storage.join(ckpt_path, EMA_FILE)}: sha256 differs from the manifest")
-        return torch.load(local, map_location="cpu", weights_only=True)
 
 
 def export(run_dir: str, out: str | None = None, *, ema_index: int = 0, fmt: str | None = None) -> str:
     """Write the EMA `ema_index` of RUN's newest committed checkpoint; returns the output path."""
-    from etsdm_dist.train.checkpoint import find_resume
-
     found, ignored = find_resume(run_dir)
     for path, reason in ignored:
         print(f"etsdm export: skipped {path}: {reason}", file=sys.stderr)
     if found is None:
         raise FileNotFoundError(f"{run_dir}: no committed checkpoint to export")
     ckpt_path, manifest = found
-    ema = _read_ema(ckpt_path, manifest)
+    ema = read_ema(ckpt_path, manifest)
     decays = ema["decays"]
     if not 0 <= ema_index < len(decays):
         raise IndexError(f"--ema-index {ema_index} out of range: the run has EMA decays {decays}")
@@ -79,29 +63,12 @@ def _serialize(state: dict[str, torch.Tensor], config: dict, fmt: str) -> bytes:
     if fmt == "safetensors":
         from safetensors.torch import save
 
-        return save(tensors, metadata={META_KEY: json.dumps(config)})
+        return save(tensors, metadata={EXPORT_META_KEY: json.dumps(config)})
     if fmt == "pt":
         buf = io.BytesIO()
         torch.save({"state_dict": tensors, "config": config}, buf)
         return buf.getvalue()
     raise ValueError(f"unknown export format {fmt!r}: choose safetensors or pt")
-
-
-def load_exported(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state_dict, config) from an exported file, local or remote; never unpickles objects."""
-    data = storage.read_bytes(path)
-    if data[:2] == b"PK":  # torch.save's zip container
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        return obj["state_dict"], obj["config"]
-    from safetensors import safe_open
-
-    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
-        f.write(data)
-        f.flush()
-        with safe_open(f.name, framework="pt") as st:
-            config = json.loads((st.metadata() or {})[META_KEY])
-            tensors = {k: st.get_tensor(k) for k in st.keys()}
-    return tensors, config
 
 
 def main(argv: list[str] | None = None) -> int:
