@@ -182,7 +182,7 @@ def main(argv: list[str]) -> int:
         engine = E.build_engine(cfg, TinyNet(), world)
         ema = EMA.from_config(engine, cfg)
         images = train(engine, ema, cfg, range(args.steps))
-        checkpoint.save(engine, ema, cfg, images=images, loader_cursor={"step": args.steps},
+        checkpoint.save(engine, ema, cfg, images=images,
                         stats={"loss": 1.0})
         ref = {"params": full_params(engine), "exp_avg": full_exp_avg(engine), "ema": ema.state_dict()}
         train(engine, ema, cfg, range(args.steps, args.steps + 1))

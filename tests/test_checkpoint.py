@@ -52,9 +52,9 @@ def _protocol_round_trip(run_dir):
     cfg = make_cfg(run_dir, keep_last=1, micro_batch_images=4)
     engine, ema = _engine(cfg)
     images = train(engine, ema, cfg, range(2))
-    C.save(engine, ema, cfg, images=images, loader_cursor={"shard": 1}, stats={"loss": 0.5})
+    C.save(engine, ema, cfg, images=images, stats={"loss": 0.5})
     images = train(engine, ema, cfg, range(2, 3))
-    path = C.save(engine, ema, cfg, images=images, loader_cursor={"shard": 2}, stats={"loss": 0.25})
+    path = C.save(engine, ema, cfg, images=images, stats={"loss": 0.25})
     assert path == storage.join(run_dir, "checkpoints", "ckpt-000000000024")
 
     # keep_last=1. (SeaweedFS lists a prefix emptied by deletion as a directory: count files.)
@@ -71,7 +71,7 @@ def _protocol_round_trip(run_dir):
 
     engine2, ema2 = _engine(make_cfg(run_dir, keep_last=1, micro_batch_images=4))
     state = C.load(engine2, ema2, path, man, cfg, 1)
-    assert state["images"] == 24 and state["loader_cursor"] == {"shard": 2} and state["stats"] == {"loss": 0.25}
+    assert state["images"] == 24 and state["stats"] == {"loss": 0.25}
     assert not state["universal"]
     _assert_same_state(engine, ema, engine2, ema2)
     train(engine, ema, cfg, range(3, 4))  # Adam moments and step counts restored: identical step

@@ -36,8 +36,7 @@ def _fixed_batches(n: int, seed: int = 0):
     return iter(lambda: batch, None)
 
 
-@pytest.mark.slow
-def test_in_process_step_reproduces_the_launched_loop(data, reference):
+def _first_losses(data: str, steps: int) -> list[tuple[int, float]]:
     from etsdm_dist.data.loader import make_loader
 
     # 1 rank with the reference's global batch of 16 in micro-batches of 8: the same noise keys.
@@ -47,9 +46,20 @@ def test_in_process_step_reproduces_the_launched_loop(data, reference):
     loader = make_loader(cfg.data, seed=cfg.train.seed, start_position=0, batch_images=16, world_size=1,
                          rank=0, micro_batch_images=8)
     try:
-        got = [(r.images, r.loss) for r in (step(loader) for _ in range(4))]
+        return [(r.images, r.loss) for r in (step(loader) for _ in range(steps))]
     finally:
         loader.close()
+
+
+@pytest.mark.slow
+def test_in_process_step_reproduces_the_launched_loop(data, reference):
+    # In a fresh interpreter, like the launched ranks. In the pytest process, after any other
+    # engine was built there (even a ZeRO-0 one), step 3 differed in the 8th digit: process state
+    # outside the step (allocator / kernel choices), not the step, which is the same code.
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        got = pool.apply(_first_losses, (str(data), 4))
     assert got == reference.steps[:4]  # bit for bit: float equality of every loss
 
 

@@ -90,11 +90,11 @@ def _rmtree(path: str) -> None:
         storage.remove(path, recursive=True)
 
 
-def save(engine, ema, cfg, *, images: int, loader_cursor: Any = None, stats: Any = None,
+def save(engine, ema, cfg, *, images: int, stats: Any = None,
          cache_dir: str | None = None) -> str:
     """Write checkpoint `ckpt-{images}` under cfg.train.run_dir (collective: all ranks call).
 
-    `loader_cursor`, `stats`: JSON-able loop state returned by `load`. No RNG state: the loop
+    `stats`: JSON-able loop state returned by `load`. No RNG state: the loop
     reseeds every step from the image counter. Returns the checkpoint path once committed (and
     `latest` updated).
     """
@@ -153,7 +153,6 @@ def save(engine, ema, cfg, *, images: int, loader_cursor: Any = None, stats: Any
             "zero_stage": cfg.train.zero_stage,
             "precision": cfg.train.precision,
             "config": cfg.to_dict(),
-            "loader_cursor": loader_cursor,
             "stats": stats,
             "files": all_files,
             "versions": {"torch": torch.__version__, "deepspeed": ds.check_version()},
@@ -253,7 +252,7 @@ def load(engine, ema, path: str, manifest: dict, cfg, world_size: int, *,
          cache_dir: str | None = None) -> dict:
     """Restore engine (weights, optimizer, step counters) and EMA from a verified checkpoint
     (collective). Returns the loop state:
-    {"images", "loader_cursor", "stats", "universal", "skipped_steps"}.
+    {"images", "stats", "universal", "skipped_steps"}.
     An "rng" entry of older manifests is ignored: the loop reseeds every step."""
     universal = needs_universal(manifest, cfg, world_size)
     if universal != bool(engine.load_universal_checkpoint()):
@@ -293,7 +292,6 @@ def load(engine, ema, path: str, manifest: dict, cfg, world_size: int, *,
             shutil.rmtree(cache, ignore_errors=True)
     return {
         "images": int(manifest["images"]),
-        "loader_cursor": manifest.get("loader_cursor"),
         "stats": manifest.get("stats"),
         "universal": universal,
         "skipped_steps": ds.counters(engine)["skipped_steps"],
