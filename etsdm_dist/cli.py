@@ -17,7 +17,8 @@ SUBCOMMANDS = {
     "export": ("etsdm_dist.train.export", "main", "write a run's EMA weights as one file"),
     "sample": ("etsdm_dist.eval.sample", "main", "N images from a run or export as shards/PNGs (any launcher)"),
     "fid-ref": ("etsdm_dist.eval.fid", "ref_main", "reference FID/KID statistics of an image set (.npz)"),
-    "fid": ("etsdm_dist.eval.fid", "main", "FID and KID of samples against reference statistics"),
+    "fid": ("etsdm_dist.eval.measure", "main", "FID and KID of samples against reference statistics"),
+    "compare": ("etsdm_dist.eval.compare", "main", "FID/KID of runs x samplers x step counts: table + plot"),
     "bench": (None, None, "benchmarks: loader | train | eval"),
 }
 

@@ -66,6 +66,8 @@ class DataConfig(Settings):
     retries: NonNegInt = 8  # transient storage errors (reset, timeout, 503) per read
     retry_backoff_s: NonNegFloat = 0.5
     use_labels: Bool = False  # feed .cls labels to a class-conditional network
+    # Reference statistics (.npz from `etsdm fid-ref`) for train.fid_kimg; local path or URL.
+    fid_ref: str = ""
 
 
 class OptimConfig(Settings):
@@ -102,6 +104,10 @@ class TrainConfig(Settings):
     keep_last: PosInt = 2  # newest checkpoints kept
     milestone_every: NonNegInt = 0  # also keep every M-th checkpoint (0: none)
     sample_kimg: NonNegFloat = 0.0  # fixed-seed sample grid PNG every this many kimg (0: never)
+    # FID/KID of the EMA weights (sample.* settings, data.fid_ref) every this many kimg, computed by
+    # all ranks from train.fid_num images sampled with per-image seeds; a stats.jsonl line each.
+    fid_kimg: NonNegFloat = 0.0
+    fid_num: Annotated[Int, Field(ge=2)] = 1000
     tensorboard: Bool = False
     requeue_exit_code: Annotated[Int, Field(ge=1, le=255)] = 75  # after a preemption save (EX_TEMPFAIL)
     # Extra DeepSpeed keys merged into the generated JSON; a conflict with ours is an error.
@@ -109,7 +115,7 @@ class TrainConfig(Settings):
 
     @model_validator(mode="after")
     def _whole_batches(self) -> "TrainConfig":
-        for name in ("report_kimg", "checkpoint_kimg", "sample_kimg"):
+        for name in ("report_kimg", "checkpoint_kimg", "sample_kimg", "fid_kimg"):
             value = getattr(self, name)
             images = value * 1000
             if value and (images != int(images) or int(images) % self.batch_images):
@@ -175,6 +181,9 @@ class Config(Settings):
         d, e, t = self.diffusion, self.etsdm, self.train
         check_etsdm(enabled=e.enabled, t_tilde=e.t_tilde_for(d.time), n=e.n, time=d.time,
                     num_timesteps=d.num_timesteps if d.time == "discrete" else None)
+        if t.fid_kimg and not self.data.fid_ref:
+            raise ValueError("train.fid_kimg: needs data.fid_ref, the reference statistics (.npz made "
+                             "by `etsdm fid-ref` from the training or test images)")
         if self.sample.ema >= len(t.ema_decays):
             raise ValueError(f"sample.ema: index {self.sample.ema} out of range for "
                              f"train.ema_decays={t.ema_decays}")

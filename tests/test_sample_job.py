@@ -25,12 +25,12 @@ from etsdm_dist.eval.sampling import ImageSampler, image_batches, sampler_settin
 STEPS = ["--steps", "4"]
 
 
-def write_export(path: Path, *overrides: str) -> str:
+def write_export(path: Path, *overrides: str, seed: int = 0) -> str:
     """A tiny perturbed network in `etsdm export`'s safetensors format (no training run needed)."""
     from safetensors.torch import save
 
     cfg = config.load(H.CI_CONFIG, list(overrides))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build.build_model(cfg)
     for p in model.parameters():
         p.data.add_(0.05 * torch.randn_like(p))

@@ -8,13 +8,16 @@ data, lost optimizer or EMA state, mis-keyed the noise, or committed a partial c
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import train_harness as H
+from etsdm_dist import cli
 
 pytestmark = pytest.mark.slow
 
@@ -129,15 +132,37 @@ def test_sigterm_saves_requeue_code_then_resume_on_one_rank(base, data, referenc
     H.assert_same_weights(again.run_dir, reference.run_dir)
 
 
+def _fid_reference(base) -> str:
+    """Reference statistics of 8 fixed random 32x32 images (only the consistency of FIDs is tested)."""
+    path = base / "fid-ref.npz"
+    if not path.exists():
+        images = np.random.default_rng(0).integers(0, 256, (8, 32, 32), dtype=np.uint8)
+        np.save(base / "fid-ref-images.npy", images)
+        assert cli.main(["fid-ref", str(base / "fid-ref-images.npy"), "--out", str(path), "--kid-rows", "8",
+                         "--threads", "1", "--no-progress"]) == 0
+    return str(path)
+
+
 def test_one_rank_equals_two_then_resume_on_two(base, data, reference):
     """1 rank with the same global batch gives the 2-rank losses bit for bit; its checkpoint then
     resumes on 2 ranks and ends equal to the reference."""
+    # The 1-rank leg also measures FID during training (train.fid_kimg): it must not change the
+    # trajectory, and its figure must equal `etsdm fid --run` on the committed checkpoint.
+    fid_ref = _fid_reference(base)
     run = H.run_train("one-then-two", base, data, 1, *H.REF_OVERRIDES, "train.micro_batch_images=8",
-                      "train.total_kimg=0.128")
+                      "train.total_kimg=0.128", "train.fid_kimg=0.064", "train.fid_num=4",
+                      f"data.fid_ref={fid_ref}")
     assert run.result.returncodes == [0], run.result.output()
     ref = dict(reference.steps)
     assert [i for i, _ in run.steps] == list(range(16, 129, 16))
     assert all(loss == ref[i] for i, loss in run.steps)
+    fids = [r for r in map(json.loads, open(f"{run.run_dir}/stats.jsonl")) if "fid" in r]
+    assert [(r["images"], r["fid_num"]) for r in fids] == [(64, 4), (128, 4)]
+    assert all(math.isfinite(r["fid"]) and r["fid"] > 0 for r in fids)
+    out = base / "one-then-two-fid.json"
+    assert cli.main(["fid", "--run", run.run_dir, "--num", "4", "--ref", fid_ref, "--seed", "0",
+                     "--out", str(out), "--threads", "1", "--no-progress"]) == 0
+    assert json.loads(out.read_text())["fid"] == pytest.approx(fids[-1]["fid"], rel=1e-6)
     again = H.run_train("one-then-two", base, data, 2, *H.REF_OVERRIDES)
     assert again.result.returncodes == [0, 0], again.result.output()
     assert "loading it as universal" in again.result.outputs[0]

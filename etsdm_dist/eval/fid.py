@@ -2,6 +2,7 @@
 
     etsdm fid-ref SOURCE --out ref.npz [--max-images N] [--kid-rows 5000]
     etsdm fid --samples SOURCE --ref ref.npz [--out fid.json] [--sampler ... --steps ...]
+    etsdm fid --run RUN --num N --ref ref.npz [sampler options]   (eval/measure.py)
 
 SOURCE: a shard set (folder or s3:// URL with index.json), an image folder or an .npz/.npy of
 uint8 images (sources.py). Both commands run on any number of ranks under any launcher the
@@ -135,7 +136,7 @@ def compute(source: ImageSource, net: Inception, *, kid_rows: int, batch_images:
     return stats
 
 
-def _common_args(p: argparse.ArgumentParser) -> None:
+def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, help="use the first N images of the source")
     p.add_argument("--batch", type=int, default=None, help="images per network call (default 8 on CPU, 128 on GPU)")
     p.add_argument("--inception", help="TorchScript file with the FID Inception interface "
@@ -144,7 +145,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _setup(a: argparse.Namespace, launch: dist.Launch, device: torch.device) -> Inception:
+def setup_network(a: argparse.Namespace, launch: dist.Launch, device: torch.device) -> Inception:
     if a.threads is not None:
         torch.set_num_threads(max(1, a.threads))
     elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -153,7 +154,7 @@ def _setup(a: argparse.Namespace, launch: dist.Launch, device: torch.device) -> 
     return Inception(a.inception, device=device, batch_images=batch)
 
 
-def _run(prog: str, argv: list[str], body) -> int:
+def run_job(prog: str, argv: list[str], body) -> int:
     argv, local_rank = dist.strip_local_rank(argv)
     created = False
     try:
@@ -168,18 +169,30 @@ def _run(prog: str, argv: list[str], body) -> int:
             torch.distributed.destroy_process_group()
 
 
+def report(result: dict, out: str | None, prog: str) -> None:
+    """Print a result as JSON (notes to stderr) and write it to `out` (local or URL) if given."""
+    for note in result.get("notes", []):
+        print(f"{prog}: note: {note}", file=sys.stderr)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        from etsdm_dist.data import storage
+
+        storage.write_bytes_atomic(out, (text + "\n").encode())
+
+
 def ref_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="etsdm fid-ref", description="Reference FID statistics of an image set.")
     p.add_argument("source", help="shard folder/URL (index.json), image folder, or .npz/.npy of uint8 images")
     p.add_argument("--out", required=True, help="statistics file to write (.npz, local or URL)")
     p.add_argument("--kid-rows", type=int, default=DEFAULT_KID_ROWS,
                    help="feature rows stored for KID (8 KiB each; 0: none)")
-    _common_args(p)
+    add_common_args(p)
 
     def body(argv, launch, device) -> int:
         a = p.parse_args(argv)
         source = open_source(a.source, a.max_images)
-        net = _setup(a, launch, device)
+        net = setup_network(a, launch, device)
         t0 = time.perf_counter()
         stats = compute(source, net, kid_rows=a.kid_rows, batch_images=net.batch_images,
                         progress=not a.no_progress)
@@ -194,7 +207,7 @@ def ref_main(argv: list[str] | None = None) -> int:
         dist.barrier()
         return 0
 
-    return _run("etsdm fid-ref", sys.argv[1:] if argv is None else argv, body)
+    return run_job("etsdm fid-ref", sys.argv[1:] if argv is None else argv, body)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     # what made the samples, recorded in the JSON (the sampling job fills them in)
     for name in ("sampler", "steps", "grid", "weights"):
         p.add_argument(f"--{name}", help=f"recorded in the result: the {name} the samples were made with")
-    _common_args(p)
+    add_common_args(p)
 
     def body(argv, launch, device) -> int:
         a = p.parse_args(argv)
@@ -217,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         # refuse a mismatch before spending time on the network and the features
         check_compatible({"protocol": PROTOCOL, "resolution": RESOLUTION}, ref.meta)
         source = open_source(a.samples, a.max_images)
-        net = _setup(a, launch, device)
+        net = setup_network(a, launch, device)
         check_compatible(FeatureStats(net, kid_rows=0).base_meta(), ref.meta)
         t0 = time.perf_counter()
         stats = compute(source, net, kid_rows=a.kid_rows, batch_images=net.batch_images,
@@ -237,18 +250,11 @@ def main(argv: list[str] | None = None) -> int:
                                                        "protocol": ref.meta.get("protocol")},
                    "ranks": dist.world_size(), "seconds": round(seconds, 1),
                    "images_per_s": round(st.n / max(seconds, 1e-9), 2), "notes": res["notes"]}
-            for note in res["notes"]:
-                print(f"etsdm fid: note: {note}", file=sys.stderr)
-            text = json.dumps(out, indent=1)
-            print(text)
-            if a.out:
-                from etsdm_dist.data import storage
-
-                storage.write_bytes_atomic(a.out, (text + "\n").encode())
+            report(out, a.out, "etsdm fid")
         dist.barrier()
         return 0
 
-    return _run("etsdm fid", sys.argv[1:] if argv is None else argv, body)
+    return run_job("etsdm fid", sys.argv[1:] if argv is None else argv, body)
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ class Trainer:
         t = cfg.train
         self.total_images = _kimg_images(t.total_kimg)
         self.intervals = {"report": _kimg_images(t.report_kimg), "checkpoint": _kimg_images(t.checkpoint_kimg),
-                          "sample": _kimg_images(t.sample_kimg)}
+                          "sample": _kimg_images(t.sample_kimg), "fid": _kimg_images(t.fid_kimg)}
         self.watch = stats.Stopwatch()
         self.data = _RankData(loader, model.net.config, train_step.micro_batch_images, self.rank, self.watch)
         self.slog = stats.StatsLog(t.run_dir, resume_images=self.images, enabled=self.main,
@@ -186,6 +186,7 @@ class Trainer:
         self.bar = _progress_bar(self.main, self.total_images, self.images)
         self.checkpoint_bytes = 0
         self._last_report = (time.perf_counter(), self.images)
+        self._fid_tools = None  # (Inception network, reference statistics), loaded at the first FID
 
     @property
     def images(self) -> int:
@@ -200,13 +201,13 @@ class Trainer:
         return f"kimg {self.images / 1000:.3f}"
 
     def due(self, interval: str) -> bool:
-        """Whether `interval` (report | checkpoint | sample) falls on this image counter. The last
-        step always reports and checkpoints; it draws samples only when sampling is on (an
-        interval of 0 is off)."""
+        """Whether `interval` (report | checkpoint | sample | fid) falls on this image counter. The
+        last step always reports and checkpoints; it draws samples and measures FID only when those
+        are on (an interval of 0 is off)."""
         every = self.intervals[interval]
         if every and self.images % every == 0:
             return True
-        return self.done and (bool(every) or interval != "sample")
+        return self.done and (bool(every) or interval not in ("sample", "fid"))
 
     def log(self, msg: str) -> None:
         if self.main:
@@ -343,6 +344,42 @@ class Trainer:
                     self.cfg.train.run_dir, "samples", f"samples-{self.images:09d}.png"))
             dist.barrier()
 
+    def measure_fid(self) -> None:
+        """FID/KID of the EMA weights (collective: every rank gathers the EMA, samples its block of
+        train.fid_num images and feeds the all-reduced Inception statistics); a stats.jsonl line."""
+        from etsdm_dist.eval import measure
+        from etsdm_dist.eval.fid import load_reference
+        from etsdm_dist.eval.inception import Inception
+        from etsdm_dist.eval.sampling import ImageSampler, LoadedModel, sampler_settings, weights_sha256
+
+        t0 = time.perf_counter()
+        if self._fid_tools is None:
+            batch = 128 if self.device.type == "cuda" else 8
+            self._fid_tools = (Inception(device=self.device, batch_images=batch),
+                               load_reference(self.cfg.data.fid_ref))
+        net, ref = self._fid_tools
+        ema_model = build_model(self.cfg).to(self.device)
+        ema_model.net.load_state_dict(_strip_prefix(self.ema.full_state(self.cfg.sample.ema), "net."))
+        ema_model.eval().requires_grad_(False)
+        loaded = LoadedModel(ema_model, self.schedule, {}, {"weights_sha256": weights_sha256(ema_model.state_dict()),
+            "kind": "training", "path": self.cfg.train.run_dir, "images": self.images,
+            "ema_index": self.cfg.sample.ema, "ema_decay": self.cfg.train.ema_decays[self.cfg.sample.ema]})
+        # Image seeds (0, i), as `etsdm fid --run` and `etsdm compare` by default: not the training
+        # seed, so runs trained with different seeds are judged on the same noise.
+        sampler = ImageSampler(loaded, sampler_settings(self.cfg.sample.model_dump()), seed=0,
+                               device=self.device)
+        result = measure.measure(sampler, self.cfg.train.fid_num, ref, net)
+        seconds = time.perf_counter() - t0
+        if result is not None:
+            kid = result["kid"]
+            self.slog.write({"images": self.images, "kimg": self.images / 1000, "fid": result["fid"],
+                             "kid": None if kid is None else kid["mean"], "kid_std": None if kid is None else kid["std"],
+                             "fid_num": result["n"], "fid_protocol": result["protocol"],
+                             "fid_sampler": result["settings"], "fid_s": seconds})
+            self.log(f"FID {result['fid']:.2f} at {self.kimg} ({result['n']} images, "
+                     f"{result['sampler']} {result['steps']} steps, {seconds:.0f}s)")
+        self.watch.add("sample", seconds)
+
     def save(self, reason: str) -> None:
         """Commit a checkpoint at the current image counter (collective)."""
         from etsdm_dist.data import storage
@@ -410,6 +447,8 @@ def _train(trainer: Trainer, preempt: _Preemption, callbacks: Sequence[StepCallb
             trainer.report()
         if trainer.due("sample"):
             trainer.sample_grid()
+        if trainer.due("fid"):
+            trainer.measure_fid()
         if result.stop_ranks:
             name = signal.Signals(preempt.signum).name if preempt.signum else "a signal on another rank"
             trainer.save(f"preempted by {name}")
