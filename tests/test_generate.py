@@ -9,6 +9,7 @@ from PIL import Image
 
 from etsdm_dist import config
 from etsdm_dist.eval import grid as generate
+from etsdm_dist.eval import sampling
 from etsdm_dist.diffusion import build
 
 
@@ -48,13 +49,13 @@ def test_sampler_options_come_from_the_sample_section_by_name():
 
     cfg = config.load(None, ["sample.eta=0.3", "sample.order=3", "sample.variance=beta"])
     for name in samplers.SAMPLERS:
-        opts = generate.sampler_options(cfg.sample.replace(sampler=name))
+        opts = sampling.sampler_options(cfg.sample.replace(sampler=name))
         params = inspect.signature(samplers.SAMPLERS[name]).parameters
         assert opts and all(k in params for k in opts)
         assert ("eta" in opts) == (name == "ddim") and ("variance" in opts) == (name == "ddpm")
         assert ("order" in opts) == name.startswith("dpm_solver")
         assert all(opts[k] == getattr(cfg.sample, k) for k in opts)
-    assert generate.sampler_options(cfg.sample)["eta"] == 0.3
+    assert sampling.sampler_options(cfg.sample)["eta"] == 0.3
 
 
 def test_every_sample_option_reaches_a_sampler():

@@ -1,6 +1,7 @@
 """FID feature benchmark: is our whole path as fast as the bare Inception network?
 
     etsdm bench eval [--data SOURCE] [--images 64] [--batch 8] [--rounds 3] [--threads T] [--json]
+                     [--sample-images 64 --sample-batch 64 --sample-steps 10] [network overrides]
 
 Side by side in one process, on the same images, interleaved round by round:
   1. bare: the TorchScript network exactly as shipped (torch.jit.load, eval, no_grad, NCHW),
@@ -11,7 +12,9 @@ Side by side in one process, on the same images, interleaved round by round:
      Target: >= 0.9x the bare network's images/s.
 A third row times the bare network on channels_last copies of the same tensors: the layout our
 path uses, so ours / that row is the cost of everything around the network.
-Figures are images per wall second and per CPU-second of this process (the second is less
+A second part times the sampling job's path (per-image generators, eval-width slices, the sampler,
+uint8 conversion) against bare forwards of the same network at the same batch: network calls per
+image per second. Figures are images per wall second and per CPU-second of this process (the second is less
 disturbed by other processes sharing the cores); best of --rounds, plus the median of the
 per-round ratios.
 """
@@ -107,6 +110,48 @@ def run(a: argparse.Namespace) -> dict:
     }
 
 
+def run_sampling(a: argparse.Namespace) -> dict:
+    """Sampling job path (per-image generators, index-aligned eval-width slices, sampler, uint8)
+    vs bare forwards of the same network on batches of the same size: network calls per second."""
+    from etsdm_dist import config
+    from etsdm_dist.diffusion.build import build_model, build_schedule
+    from etsdm_dist.eval.sampling import ImageSampler, LoadedModel, image_batches, sampler_settings, weights_sha256
+
+    cfg = config.load(None, ["network.preset=tiny", "network.in_channels=1", *a.sampling_overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval().requires_grad_(False)
+    loaded = LoadedModel(model, build_schedule(cfg), {}, {"weights_sha256": weights_sha256(model.state_dict())})
+    settings = sampler_settings(None, sampler="ddim", steps=a.sample_steps)
+    sampler = ImageSampler(loaded, settings, seed=0)
+    n, b = a.sample_images, min(a.sample_batch, a.sample_images)
+    calls = a.sample_steps + 1  # + the final noise-free jump (denoise_to_zero)
+    x = torch.randn(b, *loaded.image_shape)
+    t = torch.full((b,), 500.0)
+
+    def ours():
+        for _ in image_batches(sampler, range(n), b):
+            pass
+
+    def bare():
+        with torch.inference_mode():
+            for _ in range(-(-n // b) * calls):
+                model(x, t)
+
+    ours(), bare()
+    rounds = []
+    for _ in range(a.rounds):
+        to, _c = _timed(ours)
+        tb, _c = _timed(bare)
+        rounds.append((to, tb))
+    best_o, best_b = min(r[0] for r in rounds), min(r[1] for r in rounds)
+    per_image_calls = n * calls
+    return {"network": f"tiny preset {list(loaded.image_shape)}", "images": n, "batch": b,
+            "eval_width": sampler.eval_width, "sampler": f"ddim {a.sample_steps} steps + denoise_to_zero",
+            "ours_img_per_s": n / best_o, "ours_image_calls_per_s": per_image_calls / best_o,
+            "bare_image_calls_per_s": per_image_calls / best_b,
+            "ratio_best": best_b / best_o, "ratio_median": statistics.median(tb / to for to, tb in rounds)}
+
+
 def table(r: dict) -> str:
     return "\n".join([
         f"Inception features, {r['images']} images of {r['source']['kind']} "
@@ -119,7 +164,14 @@ def table(r: dict) -> str:
         f"{r['bare_cl_img_per_cpu_s']:7.2f} img/cpu-s",
         f"  ours / bare: wall {r['ratio_wall_best']:.2f}x (median of rounds {r['ratio_wall_median']:.2f}x), "
         f"CPU {r['ratio_cpu_best']:.2f}x (median {r['ratio_cpu_median']:.2f}x); target >= 0.9x",
-    ])
+    ] + ([] if "sampling" not in r else [
+        f"Sampling job path, {r['sampling']['network']}, {r['sampling']['sampler']}, "
+        f"{r['sampling']['images']} images, batch {r['sampling']['batch']}, eval width {r['sampling']['eval_width']}",
+        f"  ours: {r['sampling']['ours_img_per_s']:.2f} img/s = {r['sampling']['ours_image_calls_per_s']:.1f} "
+        f"network calls per image per s; bare forwards of the same batch: "
+        f"{r['sampling']['bare_image_calls_per_s']:.1f}",
+        f"  ours / bare: {r['sampling']['ratio_best']:.2f}x (median of rounds {r['sampling']['ratio_median']:.2f}x)",
+    ]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,8 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--sample-images", type=int, default=64, help="sampling part: images (0: skip it)")
+    p.add_argument("--sample-batch", type=int, default=64)
+    p.add_argument("--sample-steps", type=int, default=10)
+    p.add_argument("sampling_overrides", nargs="*", help="config overrides for the sampling network")
     a = p.parse_args(argv)
     r = run(a)
+    if a.sample_images:
+        r["sampling"] = run_sampling(a)
     print(json.dumps(r) if a.json else table(r))
     return 0
 

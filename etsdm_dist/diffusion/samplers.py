@@ -162,6 +162,12 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_val: float = 1
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
+def _prepare(model_fn: Callable, schedule: Schedule, ts, **x0_limits):
+    """What every sampler starts with: the checked grid, its coefficients, the x0-limited model."""
+    ts = _check_grid(ts)
+    return ts, _Coefs(schedule, ts), limit_x0(model_fn, schedule, **x0_limits)
+
+
 def limit_x0(model_fn: Callable, schedule: Schedule, *, clip_denoised: bool = False,
              thresholding: bool = False, thresholding_ratio: float = 0.995,
              thresholding_max_val: float = 1.0) -> Callable:
@@ -199,11 +205,8 @@ def ddpm(model_fn: Callable, x_T: torch.Tensor, schedule: Schedule, ts, *,
     ``variance``: "beta_tilde" (posterior variance) or "beta" (DDPM's upper choice)."""
     if variance not in ("beta", "beta_tilde"):
         raise ValueError(f"sample.variance must be 'beta' or 'beta_tilde', got {variance!r}")
-    ts = _check_grid(ts)
-    c = _Coefs(schedule, ts)
-    model_fn = limit_x0(model_fn, schedule, clip_denoised=clip_denoised, thresholding=thresholding,
-                        thresholding_ratio=thresholding_ratio,
-                        thresholding_max_val=thresholding_max_val)
+    ts, c, model_fn = _prepare(model_fn, schedule, ts, clip_denoised=clip_denoised, thresholding=thresholding,
+                               thresholding_ratio=thresholding_ratio, thresholding_max_val=thresholding_max_val)
     x = x_T.to(_state_dtype(x_T))
     for i in range(len(ts) - 1):
         a_s, s_s, a_t, s_t = c.alpha[i], c.sigma[i], c.alpha[i + 1], c.sigma[i + 1]
@@ -225,11 +228,8 @@ def ddim(model_fn: Callable, x_T: torch.Tensor, schedule: Schedule, ts, *,
     beta_tilde variance."""
     if not eta >= 0:
         raise ValueError(f"sample.eta must be >= 0, got {eta!r}")
-    ts = _check_grid(ts)
-    c = _Coefs(schedule, ts)
-    model_fn = limit_x0(model_fn, schedule, clip_denoised=clip_denoised, thresholding=thresholding,
-                        thresholding_ratio=thresholding_ratio,
-                        thresholding_max_val=thresholding_max_val)
+    ts, c, model_fn = _prepare(model_fn, schedule, ts, clip_denoised=clip_denoised, thresholding=thresholding,
+                               thresholding_ratio=thresholding_ratio, thresholding_max_val=thresholding_max_val)
     x = x_T.to(_state_dtype(x_T))
     for i in range(len(ts) - 1):
         a_s, s_s, a_t, s_t = c.alpha[i], c.sigma[i], c.alpha[i + 1], c.sigma[i + 1]
@@ -368,11 +368,8 @@ def dpm_solver(model_fn: Callable, x_T: torch.Tensor, schedule: Schedule, ts, *,
         raise ValueError(f"sample.method must be one of {DPM_METHODS}, got {method!r}")
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"sample.solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
-    ts = _check_grid(ts)
-    c = _Coefs(schedule, ts)
-    model_fn = limit_x0(model_fn, schedule, clip_denoised=clip_denoised, thresholding=thresholding,
-                        thresholding_ratio=thresholding_ratio,
-                        thresholding_max_val=thresholding_max_val)
+    ts, c, model_fn = _prepare(model_fn, schedule, ts, clip_denoised=clip_denoised, thresholding=thresholding,
+                               thresholding_ratio=thresholding_ratio, thresholding_max_val=thresholding_max_val)
     if not all(math.isfinite(v) for v in c.lam):
         raise ValueError("dpm_solver needs finite log-SNR on the whole grid (do not end at sigma=0)")
     steps = len(ts) - 1

@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import io
 import json
-import math
 import sys
 import time
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 
 from etsdm_dist.config import SampleConfig
+from etsdm_dist.eval.grid import encode_png, grid_png
 from etsdm_dist.eval.sampling import (SampleError, sampler_settings, describe, digest, image_batches,
                                       load_model, ImageSampler)
 
@@ -77,17 +77,6 @@ def record_name(k: int) -> str:
 
 
 # --------------------------------------------------------------------------- encoding
-def encode_png(img) -> bytes:
-    """uint8 [C, H, W] -> PNG bytes (deterministic: same pixels, same bytes)."""
-    from PIL import Image
-
-    arr = img.permute(1, 2, 0).numpy()
-    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
-
-
 def shard_bytes(items: list[tuple[str, dict[str, bytes]]]) -> tuple[bytes, list[int]]:
     """A tar shard of whole samples (tarformat's layout, as `etsdm shard` writes) and its offsets."""
     from etsdm_dist.data import tarformat
@@ -98,18 +87,6 @@ def shard_bytes(items: list[tuple[str, dict[str, bytes]]]) -> tuple[bytes, list[
         offsets.append(offsets[-1] + len(parts[-1]))
     parts.append(tarformat.end_of_archive(offsets[-1]))
     return b"".join(parts), offsets
-
-
-def grid_png(images) -> bytes:
-    """uint8 [N, C, H, W] -> one PNG, ceil(sqrt(N)) columns."""
-    n, c, h, w = images.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    grid = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
-    return encode_png(grid)
 
 
 # --------------------------------------------------------------------------- one chunk

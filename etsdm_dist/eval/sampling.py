@@ -13,6 +13,7 @@ order, like the image sources of `etsdm fid`.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -22,13 +23,22 @@ import torch
 from etsdm_dist import run_dir
 from etsdm_dist.config import SampleConfig
 from etsdm_dist.diffusion import samplers
-from etsdm_dist.eval.grid import sampler_options
 
 DEFAULT_EVAL_WIDTH = {"cpu": 8, "cuda": 64}
 
 
 class SampleError(ValueError):
     """A bad source or option; the message names the path, flag or config field."""
+
+
+def sampler_options(sample_cfg: SampleConfig) -> dict[str, Any]:
+    """The `sample` fields that the chosen sampler takes as keyword options, by name.
+
+    The sampler's own signature decides (samplers.SAMPLERS), so a `sample` field reaches every
+    sampler that has an option of that name and no other: no hand-kept table to drift."""
+    params = inspect.signature(samplers.SAMPLERS[sample_cfg.sampler]).parameters
+    return {k: v for k, v in sample_cfg.model_dump().items()
+            if k in params and params[k].kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def sampler_settings(section: dict | None = None, **overrides) -> SampleConfig:
