@@ -18,7 +18,9 @@ SUBCOMMANDS = {
     "sample": ("etsdm_dist.eval.sample", "main", "N images from a run or export as shards/PNGs (any launcher)"),
     "fid-ref": ("etsdm_dist.eval.fid", "ref_main", "reference FID/KID statistics of an image set (.npz)"),
     "fid": ("etsdm_dist.eval.measure", "main", "FID and KID of samples against reference statistics"),
+    "report": ("etsdm_dist.eval.report", "main", "a run as report.md with figures (samples, loss, FID, Lipschitz)"),
     "compare": ("etsdm_dist.eval.compare", "main", "FID/KID of runs x samplers x step counts: table + plot"),
+    "demo": ("etsdm_dist.demo", "main", "the main job: shard, train 2 ranks (kill -9 + resume), FID, report"),
     "bench": (None, None, "benchmarks: loader | train | eval"),
 }
 
@@ -30,8 +32,19 @@ def config_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="etsdm config", description="Print the resolved config.")
     p.add_argument("config", nargs="?", help="YAML run file (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.add_argument("--reference", action="store_true",
+                   help="print the reference of every field (docs/config.md) instead; takes no config")
     args = p.parse_args(argv)
     path, overrides = args.config, list(args.overrides)
+    if args.reference:
+        if path is not None or overrides:
+            print("etsdm config: --reference describes the config classes; give it no config or overrides",
+                  file=sys.stderr)
+            return 2
+        from etsdm_dist.config_reference import reference
+
+        sys.stdout.write(reference())
+        return 0
     if path is not None and "=" in path:  # only overrides were given
         overrides.insert(0, path)
         path = None

@@ -35,18 +35,26 @@ Probability = Annotated[Float, Field(gt=0, lt=1)]
 
 
 class DiffusionConfig(Settings):
+    """The forward process: noise schedule and time kind."""
+
     section: ClassVar[str] = "diffusion"
 
-    schedule: Literal["linear", "quadratic", "cosine"] = "linear"
-    time: TimeKind = "discrete"
-    num_timesteps: Annotated[Int, Field(ge=2)] = 1000  # T, discrete time only
-    beta_start: Probability = 1e-4
-    beta_end: Probability = 0.02
-    cosine_s: PosFloat = 0.008
-    stratified_t: Bool = False  # one t per equal stratum across the batch (lower-variance loss)
+    schedule: Literal["linear", "quadratic", "cosine"] = Field(
+        "linear", description="Noise schedule: beta_t linear or quadratic in t, or Nichol & Dhariwal's cosine.")
+    time: TimeKind = Field(
+        "discrete", description="discrete: integer timesteps 0..T-1; continuous: t in (0, 1].")
+    num_timesteps: Annotated[Int, Field(ge=2)] = Field(
+        1000, description="T, the number of steps (discrete time only).")
+    beta_start: Probability = Field(1e-4, description="beta at the first step (linear / quadratic schedules).")
+    beta_end: Probability = Field(0.02, description="beta at the last step (linear / quadratic schedules).")
+    cosine_s: PosFloat = Field(
+        0.008, description="Offset s of the cosine schedule (keeps beta small near t = 0).")
+    stratified_t: Bool = Field(
+        False, description="Draw one t per equal stratum across the batch (a lower-variance loss estimate).")
 
     @model_validator(mode="after")
     def _betas_ordered(self) -> "DiffusionConfig":
+        """diffusion.beta_start <= diffusion.beta_end, unless diffusion.schedule is cosine."""
         if self.schedule != "cosine" and self.beta_start > self.beta_end:
             raise ValueError(f"diffusion.beta_start: {self.beta_start} must be <= diffusion.beta_end "
                              f"({self.beta_end})")
@@ -54,67 +62,93 @@ class DiffusionConfig(Settings):
 
 
 class DataConfig(Settings):
+    """Where the training shards are and how the loader reads them."""
+
     section: ClassVar[str] = "data"
 
-    # Folder or URL holding the shards and their index.json (local path, s3://, http(s)://).
-    url: str = ""
-    hflip: Bool = True
-    num_workers: NonNegInt = 2  # dataloader workers per rank
-    prefetch_factor: PosInt = 2
-    on_error: Literal["raise", "skip"] = "raise"
-    skip_budget: NonNegInt = 2  # shards a run may skip before it fails loudly
-    retries: NonNegInt = 8  # transient storage errors (reset, timeout, 503) per read
-    retry_backoff_s: NonNegFloat = 0.5
-    use_labels: Bool = False  # feed .cls labels to a class-conditional network
-    # Reference statistics (.npz from `etsdm fid-ref`) for train.fid_kimg; local path or URL.
-    fid_ref: str = ""
+    url: str = Field("", description="Folder or URL holding the shards and their index.json "
+                                     "(local path, s3://, http(s)://).")
+    hflip: Bool = Field(True, description="Random horizontal flips (seeded per image position).")
+    num_workers: NonNegInt = Field(2, description="Dataloader worker processes per rank.")
+    prefetch_factor: PosInt = Field(2, description="Batches each worker prepares ahead.")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="A corrupt or unreadable shard: fail the run, or skip it "
+                             "(within data.skip_budget).")
+    skip_budget: NonNegInt = Field(2, description="Shards a run may skip before it fails loudly.")
+    retries: NonNegInt = Field(
+        8, description="Retries of a transient storage error (reset, timeout, 503) per read.")
+    retry_backoff_s: NonNegFloat = Field(
+        0.5, description="First retry delay in seconds; doubles per retry (with jitter, at most 30 s).")
+    use_labels: Bool = Field(False, description="Feed the shards' .cls labels to a class-conditional network "
+                                                "(network.num_classes > 0).")
+    fid_ref: str = Field("", description="Reference statistics (.npz from `etsdm fid-ref`) for train.fid_kimg; "
+                                         "local path or URL.")
 
 
 class OptimConfig(Settings):
+    """Adam(W) optimizer and learning-rate warm-up."""
+
     section: ClassVar[str] = "optim"
 
-    lr: PosFloat = 2e-4
-    betas: Annotated[list[Annotated[Float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = [0.9, 0.999]
-    eps: PosFloat = 1e-8
-    weight_decay: NonNegFloat = 0.0
-    warmup_kimg: NonNegFloat = 0.0
-    grad_clip: NonNegFloat = 1.0  # 0 disables
-    offload: Bool = False  # ZeRO optimizer-state offload to CPU
+    lr: PosFloat = Field(2e-4, description="Learning rate after warm-up.")
+    betas: Annotated[list[Annotated[Float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = Field(
+        [0.9, 0.999], description="Adam's (beta1, beta2).")
+    eps: PosFloat = Field(1e-8, description="Adam's epsilon.")
+    weight_decay: NonNegFloat = Field(0.0, description="Decoupled (AdamW) weight decay.")
+    warmup_kimg: NonNegFloat = Field(0.0, description="Linear LR warm-up from 0 over this many thousand images.")
+    grad_clip: NonNegFloat = Field(1.0, description="Clip the global gradient norm to this (0 disables).")
+    offload: Bool = Field(
+        False, description="ZeRO optimizer-state offload to CPU (needs train.zero_stage >= 1).")
 
 
 class TrainConfig(Settings):
+    """The training run: batch, length, precision, EMA, checkpoints and periodic reports."""
+
     section: ClassVar[str] = "train"
 
-    run_dir: str = "runs/default"  # local path or s3:// URL
-    seed: NonNegInt = 0
-    batch_images: PosInt = 128  # global batch, all ranks and accumulation steps together
-    micro_batch_images: PosInt | None = None  # per rank per step; None = batch / world size
-    total_kimg: PosFloat = 128.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    ema_decays: Annotated[list[Probability], Field(min_length=1)] = [0.9999]
-    ema_start_kimg: NonNegFloat = 0.0
-    # EDM's EMA ramp-up: each decay's half-life (in images) is capped at this fraction of the
-    # images trained so far, so a short run's EMA is not still mostly the initial weights.
-    # null: fixed decays from the start.
-    ema_rampup_ratio: NonNegFloat | None = None
-    # Intervals (kimg) are whole global batches so every rank agrees on when they fire; 0: never.
-    report_kimg: NonNegFloat = 1.28  # stats.jsonl line every this many kimg (10 batches of 128)
-    checkpoint_kimg: NonNegFloat = 12.8
-    keep_last: PosInt = 2  # newest checkpoints kept
-    milestone_every: NonNegInt = 0  # also keep every M-th checkpoint (0: none)
-    sample_kimg: NonNegFloat = 0.0  # fixed-seed sample grid PNG every this many kimg (0: never)
-    # FID/KID of the EMA weights (sample.* settings, data.fid_ref) every this many kimg, computed by
-    # all ranks from train.fid_num images sampled with per-image seeds; a stats.jsonl line each.
-    fid_kimg: NonNegFloat = 0.0
-    fid_num: Annotated[Int, Field(ge=2)] = 1000
-    tensorboard: Bool = False
-    requeue_exit_code: Annotated[Int, Field(ge=1, le=255)] = 75  # after a preemption save (EX_TEMPFAIL)
-    # Extra DeepSpeed keys merged into the generated JSON; a conflict with ours is an error.
-    deepspeed_extra: dict[str, Any] = {}
+    run_dir: str = Field("runs/default", description="Where checkpoints, stats and samples go "
+                                                     "(local path or s3:// URL).")
+    seed: NonNegInt = Field(0, description="Seed of weights, data order, noise and sample grids.")
+    batch_images: PosInt = Field(128, description="Global batch in images: all ranks and accumulation "
+                                                  "steps together.")
+    micro_batch_images: PosInt | None = Field(
+        None, description="Images per rank per step; null: train.batch_images / world size (no accumulation).")
+    total_kimg: PosFloat = Field(128.0, description="Length of the run in thousands of images.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (0: plain data parallel).")
+    ema_decays: Annotated[list[Probability], Field(min_length=1)] = Field(
+        [0.9999], description="Per-step decay of each EMA copy of the weights kept.")
+    ema_start_kimg: NonNegFloat = Field(
+        0.0, description="Until this many kimg every EMA is a copy of the weights; decay starts after.")
+    # EDM's ramp-up keeps a short run's EMA from still being mostly the initial weights.
+    ema_rampup_ratio: NonNegFloat | None = Field(
+        None, description="EDM's EMA ramp-up: each decay's half-life (images) is capped at this fraction of "
+                          "the images trained so far; null: fixed decays from the start.")
+    # Intervals (kimg) are whole global batches so every rank agrees on when they fire.
+    report_kimg: NonNegFloat = Field(
+        1.28, description="A stats.jsonl line every this many kimg (0: never).")  # 10 batches of 128
+    checkpoint_kimg: NonNegFloat = Field(12.8, description="A checkpoint every this many kimg (0: never).")
+    keep_last: PosInt = Field(2, description="Newest checkpoints kept.")
+    milestone_every: NonNegInt = Field(0, description="Also keep every M-th checkpoint (0: none).")
+    sample_kimg: NonNegFloat = Field(
+        0.0, description="A fixed-seed sample grid PNG every this many kimg (0: never).")
+    fid_kimg: NonNegFloat = Field(
+        0.0, description="FID/KID of the EMA weights (sample.* settings, data.fid_ref) every this many kimg, "
+                         "from train.fid_num images sampled by all ranks; a stats.jsonl line each (0: never).")
+    fid_num: Annotated[Int, Field(ge=2)] = Field(1000, description="Images sampled for each train.fid_kimg "
+                                                                   "measurement (per-image seeds).")
+    tensorboard: Bool = Field(False, description="Also write the stats as TensorBoard events.")
+    requeue_exit_code: Annotated[Int, Field(ge=1, le=255)] = Field(
+        75, description="Exit status after a preemption save, for the scheduler to requeue (EX_TEMPFAIL).")
+    deepspeed_extra: dict[str, Any] = Field(
+        {}, description="Extra DeepSpeed JSON keys merged into the generated config; a conflict with ours "
+                        "is an error.")
 
     @model_validator(mode="after")
     def _whole_batches(self) -> "TrainConfig":
+        """train.report_kimg, checkpoint_kimg, sample_kimg and fid_kimg are each 0 or a whole number of
+        global batches (value * 1000 a multiple of train.batch_images), so every rank agrees on when
+        they fire."""
         for name in ("report_kimg", "checkpoint_kimg", "sample_kimg", "fid_kimg"):
             value = getattr(self, name)
             images = value * 1000
@@ -126,47 +160,64 @@ class TrainConfig(Settings):
 
 
 class SampleConfig(Settings):
+    """The sampler of the in-training sample grids and FID; `etsdm sample` starts from a run's values.
+
+    A field named like a sampler's keyword option (eta, order, ...) is passed to every sampler
+    that takes it, by name (etsdm_dist.eval.sampling.sampler_options); the defaults are the samplers'."""
+
     section: ClassVar[str] = "sample"
 
-    # A field named like a sampler's keyword option (eta, order, ...) is passed to every sampler
-    # that takes it, by name (etsdm_dist.eval.grid.sampler_options); the defaults are the samplers'.
-    sampler: Literal["ddpm", "ddim", "dpm_solver", "dpm_solver++"] = "ddim"
-    steps: PosInt = 50
-    grid: Literal["uniform", "quadratic", "logsnr", "time_uniform", "ddim_quad"] = "uniform"
-    eta: NonNegFloat = 0.0  # DDIM
-    order: Literal[1, 2, 3] = 2  # DPM-Solver
-    method: Literal["multistep", "singlestep"] = "multistep"  # DPM-Solver
-    solver_type: Literal["dpmsolver", "taylor"] = "dpmsolver"  # DPM-Solver
-    lower_order_final: Bool = True  # DPM-Solver: lower orders in the last steps of short runs
-    variance: Literal["beta", "beta_tilde"] = "beta_tilde"  # DDPM
-    # Clamp each predicted x0 to the data range [-1, 1] (guided-diffusion's default for pixel
-    # models): an eps model 1% off at t = T otherwise gives x0 estimates ~150x off (alpha_T = 0.0064
+    sampler: Literal["ddpm", "ddim", "dpm_solver", "dpm_solver++"] = Field(
+        "ddim", description="Sampling method.")
+    steps: PosInt = Field(50, description="Number of sampler steps (network evaluations for first-order "
+                                          "samplers).")
+    grid: Literal["uniform", "quadratic", "logsnr", "time_uniform", "ddim_quad"] = Field(
+        "uniform", description="Spacing of the sampler's time grid "
+                               "(ddim_quad: DDIM's quad skip, discrete only).")
+    eta: NonNegFloat = Field(0.0, description="DDIM: noise scale (0: deterministic, 1: DDPM-like).")
+    order: Literal[1, 2, 3] = Field(2, description="DPM-Solver: solver order.")
+    method: Literal["multistep", "singlestep"] = Field("multistep", description="DPM-Solver: step method.")
+    solver_type: Literal["dpmsolver", "taylor"] = Field("dpmsolver", description="DPM-Solver: update formula.")
+    lower_order_final: Bool = Field(
+        True, description="DPM-Solver: lower orders in the last steps of short runs.")
+    variance: Literal["beta", "beta_tilde"] = Field(
+        "beta_tilde", description="DDPM: reverse-step variance, beta_t or the posterior's beta_tilde_t.")
+    # Without the clamp an eps model 1% off at t = T gives x0 estimates ~150x off (alpha_T = 0.0064
     # on the linear schedule), and a young model's samples are noise.
-    clip_denoised: Bool = True
-    denoise_to_zero: Bool = True  # end with the noise-free jump from the last grid time to x0
-    thresholding: Bool = False  # Imagen's dynamic thresholding of x0 (exclusive with clip_denoised)
-    thresholding_ratio: Annotated[Float, Field(gt=0, le=1)] = 0.995
-    thresholding_max_val: PosFloat = 1.0
-    ema: NonNegInt = 0  # which of train.ema_decays to sample with
+    clip_denoised: Bool = Field(
+        True, description="Clamp each predicted x0 to the data range [-1, 1] (guided-diffusion's default "
+                          "for pixel models); exclusive with sample.thresholding.")
+    denoise_to_zero: Bool = Field(
+        True, description="End with the noise-free jump from the last grid time to x0.")
+    thresholding: Bool = Field(
+        False, description="Imagen's dynamic thresholding of x0; exclusive with sample.clip_denoised.")
+    thresholding_ratio: Annotated[Float, Field(gt=0, le=1)] = Field(
+        0.995, description="Dynamic thresholding: quantile of |x0| used as the per-image limit.")
+    thresholding_max_val: PosFloat = Field(
+        1.0, description="Dynamic thresholding: floor of the per-image limit.")
+    ema: NonNegInt = Field(0, description="Which of train.ema_decays to sample with (an index).")
 
     # Fields that do not change an image given the weights and seed (the rest do).
     NOT_SAMPLER_OPTIONS: ClassVar[tuple[str, ...]] = ("ema",)
 
     @model_validator(mode="after")
     def _one_x0_limit(self) -> "SampleConfig":
+        """sample.clip_denoised and sample.thresholding are exclusive: at most one may be true."""
         if self.clip_denoised and self.thresholding:
             raise ValueError("sample.clip_denoised and sample.thresholding are exclusive: choose one")
         return self
 
 
 class Config(Settings):
-    diffusion: DiffusionConfig = DiffusionConfig()
-    etsdm: EtsdmConfig = EtsdmConfig()
-    network: NetworkConfig = NetworkConfig()
-    data: DataConfig = DataConfig()
-    optim: OptimConfig = OptimConfig()
-    train: TrainConfig = TrainConfig()
-    sample: SampleConfig = SampleConfig()
+    """A whole run: one section per part of the system."""
+
+    diffusion: DiffusionConfig = Field(DiffusionConfig(), description=DiffusionConfig.__doc__)
+    etsdm: EtsdmConfig = Field(EtsdmConfig(), description=EtsdmConfig.__doc__)
+    network: NetworkConfig = Field(NetworkConfig(), description=NetworkConfig.__doc__)
+    data: DataConfig = Field(DataConfig(), description=DataConfig.__doc__)
+    optim: OptimConfig = Field(OptimConfig(), description=OptimConfig.__doc__)
+    train: TrainConfig = Field(TrainConfig(), description=TrainConfig.__doc__)
+    sample: SampleConfig = Field(SampleConfig(), description=SampleConfig.__doc__)
 
     @model_validator(mode="before")
     @classmethod
@@ -178,6 +229,8 @@ class Config(Settings):
 
     @model_validator(mode="after")
     def _across_sections(self) -> "Config":
+        """etsdm.t_tilde and etsdm.n obey the E-TSDM rules for diffusion.time (below);
+        train.fid_kimg > 0 needs data.fid_ref; sample.ema indexes train.ema_decays."""
         d, e, t = self.diffusion, self.etsdm, self.train
         check_etsdm(enabled=e.enabled, t_tilde=e.t_tilde_for(d.time), n=e.n, time=d.time,
                     num_timesteps=d.num_timesteps if d.time == "discrete" else None)

@@ -197,3 +197,20 @@ def test_srun_with_pmi2_is_still_a_slurm_launch(slurm, base):
                                 r"\(local (\d+)/(\d+), node (\d+)\)", out))
     assert len(layouts) == 2, job.diagnose("expected one layout line per task")
     assert layouts == [("slurm", "2", "0", "0", "2", "0"), ("slurm", "2", "1", "1", "2", "0")], layouts
+
+
+def test_sample_fid_sbatch_matches_the_other_launchers(slurm, base, tmp_path):
+    """launchers/sample_fid.sbatch (srun tasks: `etsdm sample`, then `etsdm fid --samples`) writes
+    exactly the images of one in-process generation and their FID, like the other launchers in
+    tests/test_launchers_eval.py (same inputs, made once per session)."""
+    from test_launchers_eval import SAMPLER, check_outputs, ensure_inputs, job_env
+
+    inputs = ensure_inputs(base)
+    out, output = tmp_path / "samples", tmp_path / "slurm-sample-fid.out"
+    r = slurm.run("sbatch", "--parsable", "--job-name=etsdm-sample-fid", *THIS_MACHINE, f"--output={output}",
+                  str(H.REPO / "launchers" / "sample_fid.sbatch"), *SAMPLER,
+                  env=H.base_env(**job_env(inputs, out)), cwd=str(H.REPO))
+    job = Job(slurm, r.stdout.strip().split(";")[0], output, tmp_path / "no-step-log", out)
+    info = job.wait(timeout_s=180)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job.diagnose("sampling + FID job failed")
+    check_outputs(inputs, out, job.out())

@@ -166,6 +166,12 @@ class SeaweedServer:
             time.sleep(down_s)
         self.start()
 
+    def make_bucket_if_missing(self, name: str) -> str:
+        client = self._client()
+        if name not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+            client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
     def make_bucket(self, name: str) -> str:
         self._client().create_bucket(Bucket=name)
         return f"s3://{name}"

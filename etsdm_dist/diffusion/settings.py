@@ -197,26 +197,39 @@ class NetworkConfig(Settings):
 
     section: ClassVar[str] = "network"
 
-    preset: Preset | None = "32"
-    resolution: PosInt = 32
-    in_channels: PosInt = 3
-    out_channels: PosInt | None = None  # None: in_channels (epsilon prediction)
-    base_channels: PosInt = 128
-    channel_mult: Annotated[list[PosInt], Field(min_length=1)] = [1, 2, 2, 2]
-    num_res_blocks: PosInt = 2
-    attention_resolutions: list[PosInt] = [16]
-    num_heads: _HEADS = 1  # -1: use head_channels
-    head_channels: _HEADS = -1  # -1: use num_heads
-    dropout: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.1
-    num_classes: NonNegInt = 0  # 0: unconditional
-    use_scale_shift_norm: Bool = False
-    resblock_updown: Bool = False
-    groups: PosInt = 32  # GroupNorm groups; must divide every level's channel count
-    gradient_checkpointing: Bool = False
-    fp32_time_path: Bool = True  # keep time-MLP/class-embedding parameters stored in fp32
+    preset: Preset | None = Field(
+        "32", description="Base architecture (PRESETS) whose values fill every field not given; "
+                          "null: the declared defaults.")
+    resolution: PosInt = Field(32, description="Image side in pixels (square images).")
+    in_channels: PosInt = Field(3, description="Image channels (1: grayscale, 3: RGB).")
+    out_channels: PosInt | None = Field(
+        None, description="Output channels; null: network.in_channels (epsilon prediction).")
+    base_channels: PosInt = Field(128, description="Channels of the first level.")
+    channel_mult: Annotated[list[PosInt], Field(min_length=1)] = Field(
+        [1, 2, 2, 2], description="Per-level channel multiplier of base_channels; each level after the "
+                                  "first halves the resolution.")
+    num_res_blocks: PosInt = Field(2, description="Residual blocks per level.")
+    attention_resolutions: list[PosInt] = Field(
+        [16], description="Resolutions (pixels) at which self-attention follows the residual blocks.")
+    num_heads: _HEADS = Field(1, description="Attention heads per layer; -1: use head_channels.")
+    head_channels: _HEADS = Field(-1, description="Channels per attention head; -1: use num_heads.")
+    dropout: Annotated[Float, Field(ge=0.0, lt=1.0)] = Field(
+        0.1, description="Dropout rate inside residual blocks.")
+    num_classes: NonNegInt = Field(0, description="Class-conditional with this many classes; 0: unconditional.")
+    use_scale_shift_norm: Bool = Field(
+        False, description="Condition residual blocks on the time embedding by scale and shift of the "
+                           "normalized activations (FiLM) instead of adding it.")
+    resblock_updown: Bool = Field(
+        False, description="Down/upsample with residual blocks (ADM) instead of strided conv / interpolation.")
+    groups: PosInt = Field(
+        32, description="GroupNorm groups; must divide every level's channel count.")
+    gradient_checkpointing: Bool = Field(
+        False, description="Recompute block activations in the backward pass (less memory, more compute).")
+    fp32_time_path: Bool = Field(
+        True, description="Keep the time-MLP / class-embedding parameters stored in fp32 under bf16/fp16.")
     # How the training engine runs the network (not its architecture).
-    channels_last: Bool = False
-    compile: Bool = False  # torch.compile the network (GPU)
+    channels_last: Bool = Field(False, description="Run in channels_last memory format (GPU tensor cores).")
+    compile: Bool = Field(False, description="torch.compile the network (GPU).")
 
     @field_validator("preset", mode="before")
     @classmethod
@@ -254,6 +267,10 @@ class NetworkConfig(Settings):
 
     @model_validator(mode="after")
     def _consistent(self) -> "NetworkConfig":
+        """network.resolution is divisible by 2**(len(channel_mult)-1); every attention resolution is
+        one of the levels' resolutions; network.groups divides every level's channels; exactly one of
+        network.num_heads / head_channels is positive (the other -1) and divides the channels of
+        every attention level."""
         cm = self.channel_mult
         factor = 2 ** (len(cm) - 1)
         if self.resolution % factor:
@@ -337,15 +354,18 @@ def check_etsdm(*, enabled: Any, t_tilde: Any, n: Any, time: Any, num_timesteps:
 
 
 class EtsdmConfig(Settings):
-    """The `etsdm` config section (checked against `diffusion` by the config tree)."""
+    """Early timestep-shared diffusion: below t_tilde the network's time condition is shared within
+    each of n sub-intervals; the noise, loss and samplers use the true t."""
 
     section: ClassVar[str] = "etsdm"
 
-    enabled: Bool = True  # false: plain DDPM, bit-identical network inputs
-    # The shared-condition region [0, t_tilde) is split into n sub-intervals. null: the default
-    # for diffusion.time (DEFAULT_T_TILDE).
-    t_tilde: PosFloat | None = None
-    n: PosInt = DEFAULT_N
+    enabled: Bool = Field(True, description="E-TSDM on; false: plain DDPM, bit-identical network inputs.")
+    t_tilde: PosFloat | None = Field(
+        None, description="End of the shared-condition region [0, t_tilde), in diffusion.time units; "
+                          f"null: {DEFAULT_T_TILDE['discrete']:g} steps (discrete) or "
+                          f"{DEFAULT_T_TILDE['continuous']:g} (continuous).")
+    n: PosInt = Field(DEFAULT_N, description="Equal sub-intervals of [0, t_tilde); inside each the network "
+                                             "is conditioned on its left end (n = t_tilde: plain DDPM).")
 
     def t_tilde_for(self, time: str) -> float:
         """t_tilde with the per-time-kind default filled in."""

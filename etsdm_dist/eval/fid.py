@@ -257,5 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_job("etsdm fid", sys.argv[1:] if argv is None else argv, body)
 
 
+def launch_main(argv: list[str] | None = None) -> int:
+    """`python -m etsdm_dist.eval.fid [ref] ...` under a launcher: `ref` selects fid-ref."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, local_rank = dist.strip_local_rank(argv)
+    if rest[:1] == ["ref"]:
+        return ref_main(rest[1:] + ([] if local_rank is None else [f"--local_rank={local_rank}"]))
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch_main())

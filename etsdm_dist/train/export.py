@@ -54,8 +54,13 @@ def export(run_dir: str, out: str | None = None, *, ema_index: int = 0, fmt: str
     if out is None:
         out = storage.join(run_dir, "export",
                            f"{manifest['name']}-ema{decays[ema_index]:g}.{'pt' if fmt == 'pt' else 'safetensors'}")
-    storage.write_bytes_atomic(out, _serialize(state, config, fmt))
+    write_export(out, state, config, fmt)
     return out
+
+
+def write_export(out: str, state: dict[str, torch.Tensor], config: dict, fmt: str = "safetensors") -> None:
+    """One EMA's weights with the model config embedded, atomically (local path or URL)."""
+    storage.write_bytes_atomic(out, _serialize(state, config, fmt))
 
 
 def _serialize(state: dict[str, torch.Tensor], config: dict, fmt: str) -> bytes:
