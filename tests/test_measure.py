@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from etsdm_dist import cli
 from test_sample_job import write_export
@@ -42,6 +43,7 @@ def test_fid_run_equals_sampling_to_disk_then_measuring(setup, tmp_path):
     assert cli.main(["fid", "--samples", str(pngs), "--ref", str(base / "ref.npz"), "--out", str(out2),
                      "--kid-subset-size", "4", *COMMON]) == 0
     from_disk = json.loads(out2.read_text())
+    assert torch.is_grad_enabled()  # in-process jobs leave the caller's autograd state alone
     assert on_the_fly["n"] == from_disk["n"] == NUM
     assert on_the_fly["fid"] == pytest.approx(from_disk["fid"], rel=1e-9)  # the same images
     assert on_the_fly["sampler"] == "ddim" and on_the_fly["steps"] == 3

@@ -368,15 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--"]:  # `torchrun -m etsdm_dist.eval.sample -- SOURCE ...` on launchers that keep it
         argv = argv[1:]
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
+    created = not dist.initialized()  # a caller's process group (in-process use) is left alone
     dist.init(local_rank)
     try:
-        run(args)
+        with torch.no_grad():
+            run(args)
     except SampleError as e:
         print(f"etsdm sample: error: {e}", file=sys.stderr)
         return 2
     finally:
-        if dist.initialized():
+        if created and dist.initialized():
             torch.distributed.destroy_process_group()
     return 0
 
