@@ -215,3 +215,17 @@ def test_run_directory_source_uses_the_chosen_ema(tmp_path):
     assert json.loads((tmp_path / "o" / "_sample" / "job.json").read_text())["settings"]["sampler"] == "dpm_solver++"
     with pytest.raises(job.SampleError, match="--ema-index 2 out of range"):
         load_model(str(tmp_path / "run"), ema_index=2)
+
+
+def test_shards_on_s3_equal_local_ones_and_verify(export_file, tmp_path, s3_bucket):
+    url = f"{s3_bucket}/samples"
+    args = ["--num", "5", "--chunk", "2", "--batch", "3", *STEPS, "--no-progress"]
+    assert job.main([export_file, "--out", url, *args]) == 0
+    assert job.main([export_file, "--out", str(tmp_path / "local"), *args]) == 0
+    assert verify.verify(url) == []
+    from etsdm_dist.data import storage
+
+    local_index = json.loads((tmp_path / "local" / "index.json").read_text())
+    remote_index = json.loads(storage.read_bytes(f"{url}/index.json"))
+    assert [s["sha256"] for s in remote_index["shards"]] == [s["sha256"] for s in local_index["shards"]]
+    assert storage.exists(f"{url}/grid.png")
