@@ -115,12 +115,12 @@ def run_sampling(a: argparse.Namespace) -> dict:
     vs bare forwards of the same network on batches of the same size: network calls per second."""
     from etsdm_dist import config
     from etsdm_dist.diffusion.build import build_model, build_schedule
-    from etsdm_dist.eval.sampling import ImageSampler, LoadedModel, image_batches, sampler_settings, weights_sha256
+    from etsdm_dist.eval.sampling import ImageSampler, LoadedModel, image_batches, sampler_settings
 
     cfg = config.load(None, ["network.preset=tiny", "network.in_channels=1", *a.sampling_overrides])
     torch.manual_seed(0)
     model = build_model(cfg).eval().requires_grad_(False)
-    loaded = LoadedModel(model, build_schedule(cfg), {}, {"weights_sha256": weights_sha256(model.state_dict())})
+    loaded = LoadedModel.in_memory(model, build_schedule(cfg))
     settings = sampler_settings(None, sampler="ddim", steps=a.sample_steps)
     sampler = ImageSampler(loaded, settings, seed=0)
     n, b = a.sample_images, min(a.sample_batch, a.sample_images)

@@ -16,8 +16,8 @@ import json
 import sys
 
 from etsdm_dist import dist
-from etsdm_dist.eval.measure import SAMPLER_FLAGS, add_sampler_flags, measure
-from etsdm_dist.eval.sampling import ImageSampler, load_model, sampler_settings
+from etsdm_dist.eval.measure import measure
+from etsdm_dist.eval.sampling import SAMPLER_FLAGS, ImageSampler, add_sampler_flags, load_model, sampler_settings
 
 SAMPLER_OF_FLAG = {"ddim": "ddim", "dpm": "dpm_solver++", "ddpm": "ddpm"}
 

@@ -36,6 +36,6 @@ def save_sample_grid(cfg, ema_model, schedule, device, path: str, num: int = 64)
     from etsdm_dist.data import storage
     from etsdm_dist.eval.sampling import ImageSampler, LoadedModel, sampler_settings, to_uint8
 
-    loaded = LoadedModel(ema_model, schedule, {}, {"kind": "training"})
+    loaded = LoadedModel.in_memory(ema_model, schedule, kind="training")
     sampler = ImageSampler(loaded, sampler_settings(cfg.sample.model_dump()), seed=0, device=device)
     storage.write_bytes_atomic(path, grid_png(to_uint8(sampler.generate(range(num))).cpu()))

@@ -18,14 +18,9 @@ from etsdm_dist import dist
 from etsdm_dist.eval.features import FeatureStats, Statistics, check_compatible, compare
 from etsdm_dist.eval.fid import compute, load_reference
 from etsdm_dist.eval.inception import Inception
-from etsdm_dist.eval.sampling import (ImageSampler, LoadedModel, describe, digest, image_batches,
-                                      load_model, sampler_settings, settings_dict)
+from etsdm_dist.eval.sampling import (ImageSampler, LoadedModel, add_sampler_flags, describe, digest,
+                                      image_batches, load_model, settings_dict, settings_from_args)
 from etsdm_dist.eval.sources import ImageSource, rank_block
-
-SAMPLER_FLAGS = ("sampler", "steps", "grid", "eta", "order", "variance", "method", "solver_type",
-                 "lower_order_final", "denoise_to_zero", "clip_denoised", "thresholding",
-                 "thresholding_ratio", "thresholding_max_val")
-
 
 class SampledSource(ImageSource):
     """N images of a sampler, made where they are read; image i is the same on any rank count."""
@@ -71,24 +66,8 @@ def measure(sampler: ImageSampler, num: int, ref: Statistics, net: Inception, *,
             "images_per_s": round(st.n / max(seconds, 1e-9), 3), "notes": res["notes"]}
 
 
-def add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    """Sampler options as flags; unset ones come from the run's `sample` section."""
-    g = p.add_argument_group("sampler (default: the run's `sample` section)")
-    for name in SAMPLER_FLAGS:
-        flag = "--" + name.replace("_", "-")
-        if name in ("lower_order_final", "denoise_to_zero", "clip_denoised", "thresholding"):
-            g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
-        elif name in ("steps", "order"):
-            g.add_argument(flag, dest=name, type=int, default=None)
-        elif name in ("eta", "thresholding_ratio", "thresholding_max_val"):
-            g.add_argument(flag, dest=name, type=float, default=None)
-        else:
-            g.add_argument(flag, dest=name, default=None)
-
-
 def make_sampler(loaded: LoadedModel, args: argparse.Namespace, *, seed: int, device) -> ImageSampler:
-    settings = sampler_settings(loaded.sample_section, **{k: getattr(args, k, None) for k in SAMPLER_FLAGS})
-    return ImageSampler(loaded, settings, seed=seed, device=device)
+    return ImageSampler(loaded, settings_from_args(loaded.sample_section, args), seed=seed, device=device)
 
 
 def run_main(argv: list[str]) -> int:

@@ -35,9 +35,8 @@ from typing import Any
 
 import torch
 
-from etsdm_dist.config import SampleConfig
 from etsdm_dist.eval.grid import encode_png, grid_png
-from etsdm_dist.eval.sampling import (SampleError, sampler_settings, describe, digest, image_batches,
+from etsdm_dist.eval.sampling import (SampleError, add_sampler_flags, settings_from_args, describe, digest, image_batches,
                                       load_model, ImageSampler)
 
 STATE_DIR = "_sample"
@@ -271,41 +270,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--grid-png", default=None, help="where the grid of the first 64 goes")
     p.add_argument("--overwrite", action="store_true", help="discard committed chunks of another job in OUT")
     p.add_argument("--no-progress", action="store_true")
-    g = p.add_argument_group("sampler (default: the run's `sample` section)")
-    g.add_argument("--sampler", default=None)
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--grid", default=None, help="time grid: " + ", ".join(_grid_kinds()))
-    g.add_argument("--eta", type=float, default=None)
-    g.add_argument("--order", type=int, default=None)
-    g.add_argument("--variance", default=None)
-    g.add_argument("--method", default=None, help="DPM-Solver: multistep | singlestep")
-    g.add_argument("--solver-type", default=None, help="DPM-Solver: dpmsolver | taylor")
-    bools = (("lower-order-final", "DPM-Solver's lower order on the last steps"),
-             ("denoise-to-zero", "final noise-free jump to x0 (default on)"),
-             ("clip-denoised", "clip predicted x0 to [-1, 1] (default on)"),
-             ("thresholding", "dynamic thresholding of predicted x0 (default off)"))
-    for name, doc in bools:
-        g.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction,
-                       default=None, help=doc)
-    g.add_argument("--thresholding-ratio", type=float, default=None)
-    g.add_argument("--thresholding-max-val", type=float, default=None)
+    add_sampler_flags(p)
     args, extra = p.parse_known_args(argv)
     if extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
-
-
-def _grid_kinds() -> tuple:
-    from etsdm_dist.diffusion.samplers import GRID_KINDS
-
-    return GRID_KINDS
-
-
-def _settings(args, section: dict) -> SampleConfig:
-    names = ("sampler", "steps", "grid", "eta", "order", "variance", "method", "solver_type",
-             "lower_order_final", "denoise_to_zero", "clip_denoised", "thresholding",
-             "thresholding_ratio", "thresholding_max_val")
-    return sampler_settings(section, **{k: getattr(args, k) for k in names})
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -318,7 +287,7 @@ def run(args: argparse.Namespace) -> dict:
         classes = None if args.classes is None else [int(c) for c in args.classes.split(",") if c.strip()]
     except ValueError:
         raise SampleError(f"--classes must be comma-separated integers, got {args.classes!r}") from None
-    sampler = ImageSampler(loaded, _settings(args, loaded.sample_section), seed=args.seed,
+    sampler = ImageSampler(loaded, settings_from_args(loaded.sample_section, args), seed=args.seed,
                            eval_width=args.eval_width, classes=classes, device=device)
     job = Job(sampler, args.num, args.out, fmt=args.format, chunk=args.chunk, batch_images=args.batch,
               grid_path=args.grid_png)

@@ -41,6 +41,36 @@ def sampler_options(sample_cfg: SampleConfig) -> dict[str, Any]:
             if k in params and params[k].kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+SAMPLER_FLAGS = ("sampler", "steps", "grid", "eta", "order", "variance", "method", "solver_type",
+                 "lower_order_final", "denoise_to_zero", "clip_denoised", "thresholding",
+                 "thresholding_ratio", "thresholding_max_val")
+
+
+def add_sampler_flags(p) -> None:
+    """The `sample.*` options as command-line flags (help from the config field descriptions);
+    unset ones come from the run's `sample` section (`settings_from_args`)."""
+    import argparse
+
+    g = p.add_argument_group("sampler (default: the run's `sample` section)")
+    for name in SAMPLER_FLAGS:
+        field = SampleConfig.model_fields[name]
+        flag, doc = "--" + name.replace("_", "-"), field.description
+        if field.annotation is bool or name in ("lower_order_final", "denoise_to_zero", "clip_denoised",
+                                                 "thresholding"):
+            g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=doc)
+        elif name in ("steps", "order"):
+            g.add_argument(flag, dest=name, type=int, default=None, help=doc)
+        elif name in ("eta", "thresholding_ratio", "thresholding_max_val"):
+            g.add_argument(flag, dest=name, type=float, default=None, help=doc)
+        else:
+            g.add_argument(flag, dest=name, default=None, help=doc)
+
+
+def settings_from_args(section: dict | None, args) -> SampleConfig:
+    """A run's `sample` section with the sampler flags that were given on top."""
+    return sampler_settings(section, **{k: getattr(args, k, None) for k in SAMPLER_FLAGS})
+
+
 def sampler_settings(section: dict | None = None, **overrides) -> SampleConfig:
     """The `sample` config section that decides an image besides the weights and the seed: a run's
     stored section (keys this version does not know are ignored, missing ones default), then the
@@ -78,6 +108,11 @@ class LoadedModel:
     schedule: Any
     sample_section: dict  # the run's `sample` section ({} for an export)
     source: dict  # what was loaded: kind, path, checkpoint, ema index, weights sha256
+
+    @classmethod
+    def in_memory(cls, model: torch.nn.Module, schedule, **source) -> "LoadedModel":
+        """A model that is already built (the training loop's EMA, a benchmark's network)."""
+        return cls(model, schedule, {}, {**source, "weights_sha256": weights_sha256(model.state_dict())})
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -244,4 +279,4 @@ def digest(obj: Any) -> str:
 
 
 __all__ = ["SampleError", "sampler_settings", "settings_dict", "LoadedModel", "load_model", "ImageSampler",
-           "image_batches", "to_uint8", "balanced_labels", "describe", "weights_sha256"]
+           "image_batches", "to_uint8", "SAMPLER_FLAGS", "add_sampler_flags", "settings_from_args", "balanced_labels", "describe", "weights_sha256"]

@@ -337,12 +337,15 @@ class Trainer:
         with self.watch.time("sample"):
             ema_state = self.ema.full_state(self.cfg.sample.ema)
             if self.main:
-                ema_model = build_model(self.cfg).to(self.device)
-                ema_model.net.load_state_dict(_strip_prefix(ema_state, "net."))
-                ema_model.eval()
-                grid.save_sample_grid(self.cfg, ema_model, self.schedule, self.device, storage.join(
+                grid.save_sample_grid(self.cfg, self._ema_model(ema_state), self.schedule, self.device, storage.join(
                     self.cfg.train.run_dir, "samples", f"samples-{self.images:09d}.png"))
             dist.barrier()
+
+    def _ema_model(self, ema_state: dict) -> torch.nn.Module:
+        """A plain (non-DeepSpeed) model holding gathered EMA weights, for sampling."""
+        model = build_model(self.cfg).to(self.device)
+        model.net.load_state_dict(_strip_prefix(ema_state, "net."))
+        return model.eval().requires_grad_(False)
 
     def measure_fid(self) -> None:
         """FID/KID of the EMA weights (collective: every rank gathers the EMA, samples its block of
@@ -350,7 +353,7 @@ class Trainer:
         from etsdm_dist.eval import measure
         from etsdm_dist.eval.fid import load_reference
         from etsdm_dist.eval.inception import Inception
-        from etsdm_dist.eval.sampling import ImageSampler, LoadedModel, sampler_settings, weights_sha256
+        from etsdm_dist.eval.sampling import ImageSampler, LoadedModel, sampler_settings
 
         t0 = time.perf_counter()
         if self._fid_tools is None:
@@ -358,12 +361,10 @@ class Trainer:
             self._fid_tools = (Inception(device=self.device, batch_images=batch),
                                load_reference(self.cfg.data.fid_ref))
         net, ref = self._fid_tools
-        ema_model = build_model(self.cfg).to(self.device)
-        ema_model.net.load_state_dict(_strip_prefix(self.ema.full_state(self.cfg.sample.ema), "net."))
-        ema_model.eval().requires_grad_(False)
-        loaded = LoadedModel(ema_model, self.schedule, {}, {"weights_sha256": weights_sha256(ema_model.state_dict()),
-            "kind": "training", "path": self.cfg.train.run_dir, "images": self.images,
-            "ema_index": self.cfg.sample.ema, "ema_decay": self.cfg.train.ema_decays[self.cfg.sample.ema]})
+        ema_model = self._ema_model(self.ema.full_state(self.cfg.sample.ema))
+        loaded = LoadedModel.in_memory(ema_model, self.schedule, kind="training", path=self.cfg.train.run_dir,
+                                       images=self.images, ema_index=self.cfg.sample.ema,
+                                       ema_decay=self.cfg.train.ema_decays[self.cfg.sample.ema])
         # Image seeds (0, i), as `etsdm fid --run` and `etsdm compare` by default: not the training
         # seed, so runs trained with different seeds are judged on the same noise.
         sampler = ImageSampler(loaded, sampler_settings(self.cfg.sample.model_dump()), seed=0,
