@@ -8,11 +8,14 @@ from __future__ import annotations
 import importlib
 import sys
 
+from etsdm_dist.redact import redacted_yaml
+
 SUBCOMMANDS = {
     "config": ("etsdm_dist.cli", "config_main", "print the resolved config (YAML) after overrides"),
     "toy": ("etsdm_dist.study.toy", "main", "reproduce the paper's claims on a Gaussian mixture (CPU)"),
     "shard": ("etsdm_dist.data.shard_writer", "main", "turn images / idx files into webdataset shards"),
     "verify": ("etsdm_dist.data.verify", "main", "check shards against their index.json"),
+    "index": ("etsdm_dist.data.tar_scan", "main", "index webdataset tars of other tools (headers only)"),
     "train": ("etsdm_dist.train.loop", "main", "train (DeepSpeed; run under a launcher)"),
     "export": ("etsdm_dist.train.export", "main", "write a run's EMA weights as one file"),
     "sample": ("etsdm_dist.eval.sample", "main", "N images from a run or export as shards/PNGs (any launcher)"),
@@ -21,7 +24,8 @@ SUBCOMMANDS = {
     "report": ("etsdm_dist.eval.report", "main", "a run as report.md with figures (samples, loss, FID, Lipschitz)"),
     "compare": ("etsdm_dist.eval.compare", "main", "FID/KID of runs x samplers x step counts: table + plot"),
     "demo": ("etsdm_dist.demo", "main", "the main job: shard, train 2 ranks (kill -9 + resume), FID, report"),
-    "bench": (None, None, "benchmarks: loader | train | eval"),
+    "study": ("etsdm_dist.study.grid", "main", "the E-TSDM study grid (configs/study/*.yaml), resumable -> docs/study.md"),
+    "bench": (None, None, "benchmarks: loader | train | eval | scan"),
 }
 
 def config_main(argv: list[str]) -> int:
@@ -53,7 +57,7 @@ def config_main(argv: list[str]) -> int:
     except config.ConfigError as e:
         print(f"etsdm config: {e}", file=sys.stderr)
         return 2
-    sys.stdout.write(cfg.to_yaml())
+    sys.stdout.write(redacted_yaml(cfg.to_dict()))  # credentials masked; cfg keeps them
     return 0
 
 

@@ -10,6 +10,7 @@ bad value found an hour into a 512-GPU job costs far more than one found before 
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -43,14 +44,21 @@ class DiffusionConfig(Settings):
         "linear", description="Noise schedule: beta_t linear or quadratic in t, or Nichol & Dhariwal's cosine.")
     time: TimeKind = Field(
         "discrete", description="discrete: integer timesteps 0..T-1; continuous: t in (0, 1].")
-    num_timesteps: Annotated[Int, Field(ge=2)] = Field(
+    # The schedule holds T values per coefficient: the cap keeps a typo from allocating gigabytes.
+    num_timesteps: Annotated[Int, Field(ge=2, le=1_000_000)] = Field(
         1000, description="T, the number of steps (discrete time only).")
     beta_start: Probability = Field(1e-4, description="beta at the first step (linear / quadratic schedules).")
     beta_end: Probability = Field(0.02, description="beta at the last step (linear / quadratic schedules).")
     cosine_s: PosFloat = Field(
         0.008, description="Offset s of the cosine schedule (keeps beta small near t = 0).")
     stratified_t: Bool = Field(
-        False, description="Draw one t per equal stratum across the batch (a lower-variance loss estimate).")
+        False, description="Draw one t per equal stratum across the global batch (a lower-variance loss "
+                  "estimate), the same strata for any rank count or micro-batch.")
+    prediction: Literal["eps", "v"] = Field(
+        "eps", description="What the network predicts: eps, the noise; or v = alpha eps - sigma x0 "
+                           "(variance-preserving schedules), whose x0 = alpha x_t - sigma v stays "
+                           "bounded at high noise. Stored with checkpoints and exports; samplers "
+                           "convert at the model wrapper.")
 
     @model_validator(mode="after")
     def _betas_ordered(self) -> "DiffusionConfig":
@@ -108,12 +116,15 @@ class TrainConfig(Settings):
 
     run_dir: str = Field("runs/default", description="Where checkpoints, stats and samples go "
                                                      "(local path or s3:// URL).")
-    seed: NonNegInt = Field(0, description="Seed of weights, data order, noise and sample grids.")
+    # torch.manual_seed takes at most 64 bits; seeds.py hashes 64-bit words.
+    seed: Annotated[Int, Field(ge=0, le=2**63 - 1)] = Field(
+        0, description="Seed of weights, data order, noise and sample grids.")
     batch_images: PosInt = Field(128, description="Global batch in images: all ranks and accumulation "
                                                   "steps together.")
     micro_batch_images: PosInt | None = Field(
         None, description="Images per rank per step; null: train.batch_images / world size (no accumulation).")
-    total_kimg: PosFloat = Field(128.0, description="Length of the run in thousands of images.")
+    total_kimg: Annotated[Float, Field(ge=0.001)] = Field(
+        128.0, description="Length of the run in thousands of images (at least one image).")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (0: plain data parallel).")
     ema_decays: Annotated[list[Probability], Field(min_length=1)] = Field(
@@ -140,9 +151,22 @@ class TrainConfig(Settings):
     tensorboard: Bool = Field(False, description="Also write the stats as TensorBoard events.")
     requeue_exit_code: Annotated[Int, Field(ge=1, le=255)] = Field(
         75, description="Exit status after a preemption save, for the scheduler to requeue (EX_TEMPFAIL).")
+    lease_s: Annotated[Float, Field(ge=1.0, le=86400.0)] = Field(
+        60.0, description="s3:// run dirs: seconds the run's lease on train.run_dir lasts unrenewed (renewed every "
+                          "quarter of it). A rerun after a crash waits up to this long before taking it over; a "
+                          "run that cannot renew for 3/4 of it stops before its next write. Local run dirs use a "
+                          "lock that dies with the process.")
     deepspeed_extra: dict[str, Any] = Field(
         {}, description="Extra DeepSpeed JSON keys merged into the generated config; a conflict with ours "
                         "is an error.")
+
+    @model_validator(mode="after")
+    def _finite_extra(self) -> "TrainConfig":
+        """Every number in train.deepspeed_extra is finite (it goes to DeepSpeed unchecked)."""
+        bad = _non_finite(self.deepspeed_extra, "train.deepspeed_extra")
+        if bad:
+            raise ValueError(f"{bad[0]}: must be a finite number, got {bad[1]}")
+        return self
 
     @model_validator(mode="after")
     def _whole_batches(self) -> "TrainConfig":
@@ -157,6 +181,19 @@ class TrainConfig(Settings):
                     f"train.{name}={value} is {images:g} images, not a whole number of global batches "
                     f"(train.batch_images={self.batch_images})")
         return self
+
+
+def _non_finite(value: Any, path: str) -> tuple[str, float] | None:
+    """(dotted path, value) of the first NaN or infinite float inside nested dicts / lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, value
+    items = (value.items() if isinstance(value, dict) else
+             ((f"[{i}]", v) for i, v in enumerate(value)) if isinstance(value, list) else ())
+    for key, v in items:
+        found = _non_finite(v, f"{path}{key}" if str(key).startswith("[") else f"{path}.{key}")
+        if found:
+            return found
+    return None
 
 
 class SampleConfig(Settings):

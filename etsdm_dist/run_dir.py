@@ -14,13 +14,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tempfile
 
 import torch
 
-from etsdm_dist.data import storage
+from etsdm_dist.data import retry, storage
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMMITTED"
@@ -75,50 +78,146 @@ def is_gone(path: str) -> bool:
         return True
 
 
-def verify(path: str, *, sha256: bool = False) -> tuple[dict | None, str | None]:
-    """(manifest, None) if `path` is a committed, intact checkpoint, else (None, reason)."""
+# --------------------------------------------------------------------------- verification
+#
+# Two verdicts must never be confused: a checkpoint *proven bad* (a file missing, or its size or
+# sha256 not the manifest's; manifest bytes that do not match COMMITTED or do not parse) is passed
+# over for an older one; a checkpoint that *could not be read* (storage errors after retries) stops
+# the resume with CheckpointReadError, because falling back would later delete an intact newer
+# checkpoint as an abandoned timeline.
+
+READ_RETRIES = 5
+READ_BACKOFF_S = 0.5
+
+
+class CheckpointReadError(OSError):
+    """A checkpoint could not be read (not proven bad): resuming from an older one would roll the
+    run back, so the caller stops instead."""
+
+
+def retrying(fn, what: str):
+    """fn() with transient storage errors retried (backoff with jitter). FileNotFoundError passes
+    through (a missing file is evidence); any other failure becomes CheckpointReadError."""
+    for attempt in range(READ_RETRIES + 1):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            if not retry.is_transient(e) or attempt == READ_RETRIES:
+                tries = f"after {attempt + 1} tries" if attempt else "(not retryable)"
+                raise CheckpointReadError(
+                    f"{what}: could not read it {tries}: {type(e).__name__}: {e}. Not falling back to "
+                    f"an older checkpoint (that would discard this one); fix the storage and rerun") from e
+            log.warning("%s: transient error (%s: %s), retry %d/%d", what, type(e).__name__, e,
+                        attempt + 1, READ_RETRIES)
+            if storage.is_remote(what):
+                storage.invalidate(what)  # the next try gets a fresh connection
+            retry.sleep_backoff(attempt, READ_BACKOFF_S)
+    raise AssertionError("unreachable")
+
+
+def check_committed(path: str) -> tuple[dict | None, str | None]:
+    """The cheap half of `verify`: COMMITTED, manifest.json and every listed file's size.
+    (manifest, None) if they hold, (None, reason) if the checkpoint is proven bad or uncommitted;
+    raises CheckpointReadError when storage would not say."""
     try:
-        marker = storage.join(path, MARKER)
-        if not storage.exists(marker):
-            return None, "no COMMITTED marker (save did not finish)"
-        data = storage.read_bytes(storage.join(path, MANIFEST))
-        if storage.read_json(marker).get("manifest_sha256") != hashlib.sha256(data).hexdigest():
-            return None, "manifest.json does not match the sha256 recorded in COMMITTED"
+        marker = retrying(lambda: storage.read_bytes(storage.join(path, MARKER)), storage.join(path, MARKER))
+    except FileNotFoundError:
+        return None, "no COMMITTED marker (save did not finish)"
+    try:
+        data = retrying(lambda: storage.read_bytes(storage.join(path, MANIFEST)), storage.join(path, MANIFEST))
+    except FileNotFoundError:
+        return None, f"{MANIFEST} is missing"
+    try:
+        recorded = json.loads(marker).get("manifest_sha256")
+    except (ValueError, AttributeError):
+        return None, f"{MARKER} is not the JSON a save writes"
+    if recorded != hashlib.sha256(data).hexdigest():
+        return None, "manifest.json does not match the sha256 recorded in COMMITTED"
+    try:
         manifest = json.loads(data)
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if manifest.get("format") != FORMAT or manifest.get("name") != name:
-            return None, f"manifest format/name mismatch ({manifest.get('format')}, {manifest.get('name')})"
-        sizes = file_sizes(path)
-        for fname, meta in manifest["files"].items():
-            if fname not in sizes:
-                return None, f"{fname} is missing"
-            if sizes[fname] != meta["size"]:
-                return None, f"{fname} has {sizes[fname]} bytes, manifest says {meta['size']}"
-            if sha256 and sha256_file(storage.join(path, fname)) != meta["sha256"]:
-                return None, f"{fname} sha256 differs from the manifest"
-        return manifest, None
-    except Exception as e:  # unreadable JSON, storage errors: the checkpoint is not usable
-        return None, f"unreadable: {type(e).__name__}: {e}"
+        files = {f: (int(m["size"]), str(m["sha256"])) for f, m in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"manifest.json does not parse ({type(e).__name__}: {e})"
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if manifest.get("format") != FORMAT or manifest.get("name") != name:
+        return None, f"manifest format/name mismatch ({manifest.get('format')}, {manifest.get('name')})"
+    try:
+        sizes = retrying(lambda: file_sizes(path), path)
+    except FileNotFoundError:
+        return None, "the checkpoint directory is gone"
+    for fname, (size, _) in files.items():
+        if fname not in sizes:
+            return None, f"{fname} is missing"
+        if sizes[fname] != size:
+            return None, f"{fname} has {sizes[fname]} bytes, manifest says {size}"
+    return manifest, None
+
+
+def check_files(path: str, manifest: dict, names) -> str | None:
+    """The expensive half of `verify`: sha256 of the files `names` against the manifest. A reason
+    naming the first bad file, or None; raises CheckpointReadError when a file cannot be read."""
+    for fname in names:
+        url = storage.join(path, fname)
+        try:
+            digest = retrying(lambda: sha256_file(url), url)
+        except FileNotFoundError:
+            return f"{fname} is missing"
+        if digest != manifest["files"][fname]["sha256"]:
+            return f"{fname} sha256 differs from the manifest"
+    return None
+
+
+def verify(path: str, *, sha256: bool = False) -> tuple[dict | None, str | None]:
+    """(manifest, None) if `path` is a committed, intact checkpoint; (None, reason) if it is
+    proven bad or was never committed. Raises CheckpointReadError when it could not be read."""
+    manifest, reason = check_committed(path)
+    if manifest is not None and sha256:
+        reason = check_files(path, manifest, sorted(manifest["files"]))
+    return (None, reason) if reason else (manifest, None)
+
+
+def candidates(run_dir: str) -> tuple[list[str], str | None]:
+    """(checkpoint dir names newest first, the name `latest` points at or None)."""
+    root = storage.join(run_dir, CHECKPOINTS)
+    try:
+        names = sorted((n for n in retrying(lambda: storage.listdir(root), root) if ckpt_images(n) is not None),
+                       key=ckpt_images, reverse=True)
+    except FileNotFoundError:
+        names = []
+    latest = None
+    try:  # only a hint, used for messages
+        latest = storage.read_json(storage.join(run_dir, LATEST)).get("checkpoint")
+    except Exception:
+        pass
+    return names, latest
+
+
+def passed_over(path: str, reason: str, latest: str | None) -> str | None:
+    """The message for a checkpoint dir passed over for `reason`, or None for a deleted one."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        gone = name != latest and is_gone(path)
+    except Exception:  # noqa: BLE001 - only decides whether to mention it: do
+        gone = False
+    if gone:
+        return None
+    if name == latest:
+        return f"`latest` points here, but {reason}; fell back to an older checkpoint"
+    return reason
 
 
 def find_resume(run_dir: str, *, sha256: bool = False
                 ) -> tuple[tuple[str, dict] | None, list[tuple[str, str]]]:
     """((path, manifest) of the newest intact committed checkpoint or None, ignored) where
-    `ignored` lists (path, reason) for every newer checkpoint dir that was skipped, for the loop
+    `ignored` lists (path, reason) for every newer checkpoint dir that was skipped, for the caller
     to log. `latest` is only cross-checked: a partial or corrupt target is reported, never used.
-    No collectives: call it on rank 0 and broadcast, or on every rank."""
+    A checkpoint that cannot be read raises CheckpointReadError rather than being skipped.
+    No collectives: training resumes through checkpoint.resume, which shares the hashing."""
     root = storage.join(run_dir, CHECKPOINTS)
+    names, latest = candidates(run_dir)
     ignored: list[tuple[str, str]] = []
-    try:
-        names = sorted((n for n in storage.listdir(root) if ckpt_images(n) is not None),
-                       key=ckpt_images, reverse=True)
-    except FileNotFoundError:
-        names = []
-    latest = None
-    try:
-        latest = storage.read_json(storage.join(run_dir, LATEST)).get("checkpoint")
-    except Exception:
-        pass
     found = None
     for name in names:
         path = storage.join(root, name)
@@ -126,11 +225,9 @@ def find_resume(run_dir: str, *, sha256: bool = False
         if manifest is not None:
             found = (path, manifest)
             break
-        if name != latest and is_gone(path):
-            continue
-        if name == latest:
-            reason = f"`latest` points here, but {reason}; fell back to an older checkpoint"
-        ignored.append((path, reason))
+        message = passed_over(path, reason, latest)
+        if message is not None:
+            ignored.append((path, message))
     if latest and latest not in names:
         ignored.append((storage.join(root, latest), "`latest` points at a checkpoint that does not exist"))
     return found, ignored

@@ -35,7 +35,9 @@
 #     NCCL_IB_HCA=<mlx5_0,...> (NCCL_IB_DISABLE=1 to force TCP); NCCL_DEBUG=INFO when it hangs.
 #   CPU only: DS_ACCELERATOR=cpu GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=1 (gloo; lo on one machine).
 #   deepspeed on several nodes starts ranks over ssh, which forwards only PYTHON*, NCCL*, UCX*, MV2*
-#   variables: put AWS_*, DS_ACCELERATOR, PATH to the venv ... in .deepspeed_env or DS_ENV_FILE.
+#   variables: put AWS_PROFILE (not keys: DeepSpeed prints that file in its log; this script warns),
+#   DS_ACCELERATOR, PATH to the venv ... in .deepspeed_env or DS_ENV_FILE. The arguments are quoted
+#   for the nodes' login shells (launchers/deepspeed_remote.sh).
 # Exit codes: 0 done (FID JSON written); 2 bad input: a variable or flag, a missing or unreadable
 #   SOURCE / REF / samples (the message names it; every rank stops with it); anything else: a rank
 #   crashed or was killed (the launcher's code, e.g. 1 or 137). deepspeed, mpiexec and srun pass a
@@ -54,6 +56,11 @@ SEED=${SEED:-0}; PYTHON=${PYTHON:-python}; PORT=${MASTER_PORT:-29500}
 OUT=${OUT%/}; FID_JSON=${FID_JSON:-$OUT/fid.json}
 read -r -a SAMPLE_EXTRA <<< "${SAMPLE_ARGS:-}"
 read -r -a FID_EXTRA <<< "${FID_ARGS:-}"
+if [[ "$LAUNCHER" == deepspeed && -n "${HOSTFILE:-}" ]]; then
+  [[ -f "$HOSTFILE" ]] || usage "HOSTFILE=$HOSTFILE is not a file"
+  source "$(dirname "${BASH_SOURCE[0]}")/deepspeed_remote.sh"
+  ds_warn_env_secrets sample_fid
+fi
 if [[ "$SOURCE$OUT$REF$FID_JSON" == *s3://* && -z "${AWS_ACCESS_KEY_ID:-}${AWS_PROFILE:-}" && ! -f ~/.aws/credentials ]]; then
   echo "sample_fid: warning: s3:// paths but no AWS_ACCESS_KEY_ID / AWS_PROFILE / ~/.aws/credentials (fine with an instance role)" >&2
 fi
@@ -66,8 +73,9 @@ launch() {
   case "$LAUNCHER" in
     deepspeed)
       if [[ -n "${HOSTFILE:-}" ]]; then
-        deepspeed --hostfile "$HOSTFILE" --num_gpus "$NPROC" --master_port "$port" \
-          ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} --module "$module" -- "$@"
+        pdsh_words "$@"
+        deepspeed --hostfile "$HOSTFILE" --force_multi --num_gpus "$NPROC" --master_port "$port" \
+          ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} --module "$module" -- "${PDSH_WORDS[@]}"
       else
         deepspeed --num_nodes 1 --num_gpus "$NPROC" --master_port "$port" --module "$module" -- "$@"
       fi ;;

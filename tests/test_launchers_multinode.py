@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 import sshd_server as S
 from daemons import running
 import train_harness as H
+from etsdm_dist.train import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -59,8 +62,15 @@ def test_deepspeed_launcher_two_nodes_over_ssh(base, reference, sshd):
     name = "deepspeed-pdsh-2nodes"
     step_log = base / f"steps-{name}.log"
     step_log.unlink(missing_ok=True)
-    run_dir = base / f"run-{name}"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    # A run directory and a URL holding what the nodes' login shells would act on: both must arrive
+    # verbatim (nothing executed, nothing split, `%n` not expanded by pdsh), and the URL's password
+    # must not be stored (launchers/deepspeed_remote.sh, etsdm_dist/redact.py; tests/test_secrets.py).
+    marker = base / f"executed-{name}"
+    marker.unlink(missing_ok=True)
+    run_dir = base / f"run-{name} $(touch {marker}) `touch {marker}` & %n 'q' \"dq\" \\b;|"
+    password = "pw-multinode-0123"
+    fid_ref = f"https://etsdm:{password}@example.invalid/ref.npz?v=1&x=$HOME;y=`id`"
+    shutil.rmtree(base / run_dir.relative_to(base).parts[0], ignore_errors=True)
     hostfile = sshd.dir / "hostfile"
     hostfile.write_text("".join(f"{h} slots=1\n" for h in HOSTS))
     # DeepSpeed reads DS_ENV_FILE (default .deepspeed_env) in ~ and in the current directory; an
@@ -69,7 +79,8 @@ def test_deepspeed_launcher_two_nodes_over_ssh(base, reference, sshd):
     wanted = H.base_env(ETSDM_TEST_STEP_LOG=str(step_log))
     env_file = sshd.dir / "deepspeed_env"
     env_file.write_text("".join(f"{k}={wanted[k]}\n" for k in FORWARD))
-    args = H.train_args(str(run_dir), H.ensure_shards(base), "train.zero_stage=1", "train.total_kimg=0.064")
+    args = H.train_args(str(run_dir), H.ensure_shards(base), "train.zero_stage=1", "train.total_kimg=0.064",
+                        f"data.fid_ref={fid_ref}")
     res = H.launch_cmd(
         ["bash", str(H.REPO / "launchers" / "deepspeed.sh"), "1", *args], base / f"logs-{name}", timeout_s=180,
         env_extra={"HOSTFILE": str(hostfile), "DS_ENV_FILE": str(env_file), "MASTER_PORT": str(H.free_port()),
@@ -97,6 +108,17 @@ def test_deepspeed_launcher_two_nodes_over_ssh(base, reference, sshd):
     ref = dict(reference.steps)
     assert [i for i, _ in steps] == [16, 32, 48, 64], why(f"steps {steps}")
     assert all(loss == ref[i] for i, loss in steps), why(f"losses differ: {steps} vs reference {reference.steps}")
+    # the overrides arrived verbatim on both nodes, and config.yaml / manifest.json hold no password
+    assert not marker.exists(), why("a remote shell executed part of an override")
+    # (the marker's path makes run_dir nested; an expanded %n would give node 1 a sibling of its leaf)
+    assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name], why(f"run dirs {run_dir.parent}")
+    stored = (run_dir / "config.yaml").read_text()
+    cfg = yaml.safe_load(stored)
+    assert cfg["train"]["run_dir"] == str(run_dir), why(f"run_dir arrived as {cfg['train']['run_dir']!r}")
+    assert cfg["data"]["fid_ref"] == fid_ref.replace(password, "***") and password not in stored, why(stored)
+    found, _ = checkpoint.find_resume(str(run_dir))
+    assert found is not None, why("no committed checkpoint")
+    assert password not in (Path(found[0]) / checkpoint.MANIFEST).read_text(), why("password in manifest.json")
     # A finished job leaves nothing running on the "remote" nodes (bounded wait: sessions close
     # a moment after the launcher returns).
     deadline = time.monotonic() + 15

@@ -90,3 +90,51 @@ def test_skipped_optimizer_step_leaves_the_ema_alone():
     clean = step(batches)  # and the next applied step updates it again
     assert clean.applied and step.ema.num_updates == 2 and step.ema.images == 48
     assert any(not torch.equal(step.ema.full_state()[k], v) for k, v in ema_after.items())
+
+
+class _Recorder:
+    """The step's model, recording what the loss feeds it (x_t = alpha x0 + sigma eps, t)."""
+
+    def __init__(self, model):
+        self.model, self.settings = model, model.settings
+        self.prediction = getattr(model, "prediction", "eps")
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, x, t, y=None, output=None):
+        self.seen.append((x.detach().clone(), t.clone()))
+        return self.model(x, t, y) if output is None else self.model(x, t, y, output=output)
+
+
+def _positional_micro_batches(b: int, images: torch.Tensor):
+    """The loader's contract on one rank: micro-batches of b consecutive global positions, the
+    image at position p being images[p]."""
+    for start in range(0, len(images), b):
+        yield {"images": images[start:start + b], "labels": torch.full((b,), -1, dtype=torch.long),
+               "positions": torch.arange(start, start + b), "valid": torch.ones(b, dtype=torch.bool)}
+
+
+def test_micro_batch_split_does_not_change_the_draws_or_the_first_loss():
+    """One global batch of 8 as 1x8, 2x4 and 4x2 micro-batches (stratified t over the global
+    batch): every sample sees the same t and x_t, so the same noise, and the first step's loss is
+    bit-identical; the second step differs only by the first update's summation order."""
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8, generator=g)
+    got = {}
+    for b in (8, 4, 2):
+        cfg = config_mod.load(H.CI_CONFIG, ["train.batch_images=8", f"train.micro_batch_images={b}",
+                                            "diffusion.stratified_t=true", "optim.warmup_kimg=0"])
+        step = _step(cfg)
+        step.model = rec = _Recorder(step.model)
+        batches = _positional_micro_batches(b, images)
+        results = [step(batches) for _ in range(2)]
+        assert step.accum == 8 // b
+        xs = torch.cat([x for x, _ in rec.seen])
+        ts = torch.cat([t for _, t in rec.seen])
+        got[b] = (xs, ts, [r.loss for r in results])
+    x8, t8, l8 = got[8]
+    assert len(set(t8[:8].tolist())) > 1
+    for b in (4, 2):
+        xb, tb, lb = got[b]
+        assert torch.equal(tb, t8) and torch.equal(xb, x8), b
+        assert lb[0] == l8[0]
+        assert lb[1] == pytest.approx(l8[1], rel=1e-5)

@@ -2,7 +2,7 @@
 
 One uninterrupted 2-rank ZeRO-2 run (train_harness.ensure_reference, shared with
 test_launchers.py) is the yardstick: every interrupted, resumed, re-sharded or re-launched run must
-end with bit-identical losses / EMA / weights. Each test would fail if resume replayed or skipped
+end with bit-identical losses / EMA / weights (one with another micro-batch: to fp32 rounding). Each test would fail if resume replayed or skipped
 data, lost optimizer or EMA state, mis-keyed the noise, or committed a partial checkpoint.
 """
 from __future__ import annotations
@@ -15,11 +15,16 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import train_harness as H
 from etsdm_dist import cli
 
 pytestmark = pytest.mark.slow
+# A changed micro-batch sums each gradient in another order: fp32 rounding. Seen here: losses
+# within 4e-8 (relative) over 16 steps, weights within 1.5e-4 of each tensor's largest entry (Adam
+# divides tiny gradients by their own size). Unpinned per-micro-batch noise was 1e-2..1e-1 apart.
+LAYOUT_LOSS_REL, LAYOUT_WEIGHT_REL = 1e-6, 1e-3
 
 
 def test_reference_run_reports(reference):
@@ -91,7 +96,8 @@ def test_crash_in_checkpoint_on_s3_keeps_previous(base, reference, s3_bucket):
     and still ends equal to the (local-data) reference."""
     data = H.make_shards(f"{s3_bucket}/fmnist32")
     run_dir = f"{s3_bucket}/run"
-    run = H.run_train("crash-ckpt", base, data, 2, *H.REF_OVERRIDES, run_dir=run_dir,
+    # A short lease: rank 0 dies without releasing it, and the rerun waits one lease for it.
+    run = H.run_train("crash-ckpt", base, data, 2, *H.REF_OVERRIDES, "train.lease_s=2", run_dir=run_dir,
                       env_extra={"ETSDM_TEST_FAULT": "crash_in_checkpoint@128"})
     assert run.result.returncodes[0] == 17, run.result.output()
     assert "ETSDM_TEST_FAULT: crashing before writing" in run.result.outputs[0]
@@ -101,7 +107,7 @@ def test_crash_in_checkpoint_on_s3_keeps_previous(base, reference, s3_bucket):
     partial = storage.join(run_dir, "checkpoints", checkpoint.ckpt_name(128))
     assert storage.exists(storage.join(partial, checkpoint.MANIFEST))
     assert not storage.exists(storage.join(partial, checkpoint.MARKER))
-    again = H.run_train("crash-ckpt", base, data, 2, *H.REF_OVERRIDES, run_dir=run_dir)
+    again = H.run_train("crash-ckpt", base, data, 2, *H.REF_OVERRIDES, "train.lease_s=2", run_dir=run_dir)
     assert again.result.returncodes == [0, 0], again.result.output()
     out = again.result.outputs[0]
     assert f"ignoring checkpoint {partial}" in out
@@ -112,8 +118,8 @@ def test_crash_in_checkpoint_on_s3_keeps_previous(base, reference, s3_bucket):
 def test_sigterm_saves_requeue_code_then_resume_on_one_rank(base, data, reference):
     """SLURM-style preemption: every rank gets SIGTERM; they agree on one step, commit a
     checkpoint there and exit 75. Resuming with 1 rank (universal checkpoint) ends equal to the
-    2-rank reference. The 1-rank run keeps the micro-batch at 8 (2 accumulation steps) so the
-    per-micro-batch noise is the same."""
+    2-rank reference bit for bit: the 1-rank run keeps the micro-batch at 8 (2 accumulation
+    steps), so every gradient is also summed in the same order."""
     run = H.run_train("sigterm", base, data, 2, *H.REF_OVERRIDES,
                       poll_factory=lambda log: H.signal_when(log, 96, signal.SIGTERM))
     assert run.result.returncodes == [75, 75], run.result.output()
@@ -144,18 +150,23 @@ def _fid_reference(base) -> str:
 
 
 def test_one_rank_equals_two_then_resume_on_two(base, data, reference):
-    """1 rank with the same global batch gives the 2-rank losses bit for bit; its checkpoint then
-    resumes on 2 ranks and ends equal to the reference."""
+    """1 rank with the same global batch and the DEFAULT layout (one micro-batch of 16, where the
+    2-rank reference has 8 per rank) draws every sample's t and noise from its position, as the
+    reference does: the first loss is bit-identical and the rest differ only by the gradient's
+    summation order (fp32 rounding; unpinned per-micro-batch streams were 1e-1 apart). Its
+    checkpoint then resumes on 2 ranks and ends at the reference to the same rounding. The
+    bit-exact resume with a pinned micro-batch is test_sigterm_saves_requeue_code_then_resume_on_one_rank."""
     # The 1-rank leg also measures FID during training (train.fid_kimg): it must not change the
     # trajectory, and its figure must equal `etsdm fid --run` on the committed checkpoint.
     fid_ref = _fid_reference(base)
-    run = H.run_train("one-then-two", base, data, 1, *H.REF_OVERRIDES, "train.micro_batch_images=8",
+    run = H.run_train("one-then-two", base, data, 1, *H.REF_OVERRIDES,
                       "train.total_kimg=0.128", "train.fid_kimg=0.064", "train.fid_num=4",
                       f"data.fid_ref={fid_ref}")
     assert run.result.returncodes == [0], run.result.output()
     ref = dict(reference.steps)
     assert [i for i, _ in run.steps] == list(range(16, 129, 16))
-    assert all(loss == ref[i] for i, loss in run.steps)
+    assert run.steps[0][1] == ref[16]
+    assert all(loss == pytest.approx(ref[i], rel=LAYOUT_LOSS_REL) for i, loss in run.steps)
     fids = [r for r in map(json.loads, open(f"{run.run_dir}/stats.jsonl")) if "fid" in r]
     assert [(r["images"], r["fid_num"]) for r in fids] == [(64, 4), (128, 4)]
     assert all(math.isfinite(r["fid"]) and r["fid"] > 0 for r in fids)
@@ -166,8 +177,12 @@ def test_one_rank_equals_two_then_resume_on_two(base, data, reference):
     again = H.run_train("one-then-two", base, data, 2, *H.REF_OVERRIDES)
     assert again.result.returncodes == [0, 0], again.result.output()
     assert "loading it as universal" in again.result.outputs[0]
-    assert all(loss == ref[i] for i, loss in again.steps[len(run.steps):])
-    H.assert_same_weights(again.run_dir, reference.run_dir)
+    assert all(loss == pytest.approx(ref[i], rel=LAYOUT_LOSS_REL) for i, loss in again.steps[len(run.steps):])
+    (ema_a, mod_a), (ema_b, mod_b) = H.final_states(again.run_dir), H.final_states(reference.run_dir)
+    for a, b in ((ema_a, ema_b), (mod_a, mod_b)):
+        assert a.keys() == b.keys()
+        assert all(torch.allclose(a[k], b[k], rtol=0, atol=LAYOUT_WEIGHT_REL * float(b[k].abs().max()))
+                   for k in a)
 
 
 # --------------------------------------------------------------------------- no launch needed

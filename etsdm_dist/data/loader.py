@@ -31,11 +31,13 @@ from etsdm_dist.data import order as S
 from etsdm_dist.data import storage
 # The training loop, tests and bench/loader.py reach these through the loader (to_model_input,
 # ShardIndexError, load_index, decode_image, Extent): they stay importable from here.
-from etsdm_dist.data.decode import decode_image, key_from_header, to_model_input  # noqa: F401
+from etsdm_dist.data.decode import (  # noqa: F401
+    PIL_FORMATS, decode_fit, decode_image, image_member, key_from_header, pixel_bound, to_model_input)
 from etsdm_dist.data.reads import MAX_READ_BYTES, Extent, ReadAhead
 from etsdm_dist.data.shard_index import (  # noqa: F401 - ShardIndexError: re-exported
     IMAGE_EXTS, ShardIndex, ShardIndexError, load_index)
-from etsdm_dist.data.tarformat import key_at, parse_sample
+from etsdm_dist.data.tar_scan import label_from_json, parse_members, scan_settings
+from etsdm_dist.data.tarformat import key_at, parse_label, parse_sample
 
 
 class ShardDataError(OSError):
@@ -60,7 +62,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                  world_size: int, rank: int, micro_batch_images: int, hflip: bool = False,
                  on_error: str = "raise", retries: int = 8, retry_backoff_s: float = 0.5,
                  use_labels: bool = False, decode: bool = True, read_ahead: int = 2,
-                 group: int = 1, max_read_bytes: int = MAX_READ_BYTES):
+                 group: int = 1, max_read_bytes: int = MAX_READ_BYTES, num_classes: int | None = None):
         super().__init__()
         if group < 1 or max_read_bytes < 1:
             raise ValueError(f"group and max_read_bytes must be >= 1, got {group}, {max_read_bytes}")
@@ -77,8 +79,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.hflip, self.on_error, self.use_labels, self.decode = hflip, on_error, use_labels, decode
         self.retries, self.backoff_s, self.read_ahead = retries, retry_backoff_s, read_ahead
         self.group, self.max_read_bytes = int(group), int(max_read_bytes)
-        ext = index.image_format.lower()
-        self._formats = ["JPEG"] if ext in ("jpg", "jpeg") else ["PNG"]
+        # Labels must index the network's class embedding (num_classes: network.num_classes) and
+        # the classes the shards were written with: the tighter bound names itself in errors.
+        bounds = [(n, what) for n, what in ((num_classes, "network.num_classes"),
+                                            (index.num_classes, "index.json num_classes")) if n]
+        self._label_bound = min(bounds) if bounds else (None, "")
+        # Shards of other tools (`etsdm index`): fit any-size images to the index's resolution,
+        # labels perhaps from a .json field. The decoder is the one of each image member's type.
+        self._fit, self._label_field = scan_settings(index)
         self._shape: tuple[int, int, int] | None = (
             (index.channels, *index.resolution) if index.resolution else None)
         self._aheads: weakref.WeakSet = weakref.WeakSet()  # this process's live read-aheads
@@ -308,26 +316,44 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _parse_sample(self, buf) -> tuple[str, dict | None, str | None]:
         """(key, {ext: bytes}, error) for one sample's tar bytes."""
         try:
-            key, out = parse_sample(buf, copy=False)  # memoryviews into the read buffer
+            # memoryviews into the read buffer; other tools' tars may carry pax headers
+            key, out = parse_members(buf) if self._fit else parse_sample(buf, copy=False)
         except Exception as e:  # noqa: BLE001 - corrupt tar data (TarFormatError names the key)
             key = getattr(e, "key", None) or (
                 key_from_header(bytes(buf[:512])) if len(buf) >= 512 else "")
             return key, None, f"corrupt tar data: {e}"
-        if "jpg" not in out and "png" not in out and "jpeg" not in out:  # IMAGE_EXTS
-            return key, None, f"no image member (.png/.jpg) among {sorted(out)}"
+        if image_member(out) is None:
+            return key, None, f"no image member (.png/.jpg/.webp) among {sorted(out)}"
+        if self._label_field is not None and "cls" not in out and "json" in out:
+            try:  # the .json field becomes the .cls the label checks below and in _fill read
+                out["cls"] = label_from_json(out["json"], self._label_field)
+            except ValueError as e:
+                if self.use_labels:
+                    return key, None, str(e)
         if self.use_labels and "cls" not in out:
             return key, None, "no .cls member but data.use_labels is true"
         return key, out, None
 
     def _fill(self, slot: int, position: int, members: dict, pixels, labels, encoded) -> None:
-        data = members.get("jpg") or members.get("png") or members.get("jpeg")
+        ext = image_member(members)
+        data = members[ext]
         if "cls" in members:
-            labels[slot] = int(bytes(members["cls"]))  # int() takes ASCII digits and whitespace
+            try:
+                labels[slot] = parse_label(members["cls"], *self._label_bound)
+            except ValueError:
+                if self.use_labels:  # a bad sample (on_error), named by shard and key
+                    raise
+                labels[slot] = -1  # not fed to the network: the image itself is fine
         if pixels is None:
             encoded[slot] = data
             return
-        arr = decode_image(data, self.index.channels, self._formats)  # [H, W, C]
         dst = pixels[slot]  # the batch slot: a contiguous HWC view
+        # [H, W, C]; the size is checked from the image header before anything is decoded
+        if self._fit is not None:
+            arr = decode_fit(data, self.index.channels, dst.shape[0], self._fit, [PIL_FORMATS[ext]])
+        else:
+            arr = decode_image(data, self.index.channels, [PIL_FORMATS[ext]],
+                               expect_hw=dst.shape[:2])
         if arr.shape != dst.shape:
             raise ValueError(f"image is {arr.shape[:2]} with {arr.shape[2]} channels, "
                              f"expected {dst.shape[:2]} with {dst.shape[2]}")
@@ -344,8 +370,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 key, members, err = self._parse_sample(
                     self._read(self.index.shard_url(s), info.offsets[0], info.offsets[1]))
                 if err is None:
-                    data = next(members[e] for e in IMAGE_EXTS if e in members)
-                    h, w_, c = decode_image(data, self.index.channels, self._formats).shape
+                    ext = image_member(members)
+                    h, w_, c = decode_image(members[ext], self.index.channels, [PIL_FORMATS[ext]],
+                                            max_pixels=pixel_bound(1, 1)).shape
                     self._shape = (c, h, w_)
                     return self._shape
             except Exception:  # noqa: BLE001 - try the next shard
@@ -435,10 +462,11 @@ def make_loader(cfg_data, index: ShardIndex | str | None = None, *, seed: int, s
                 batch_images: int, world_size: int, rank: int, micro_batch_images: int,
                 num_workers: int | None = None, decode: bool = True, read_ahead: int = 2,
                 multiprocessing_context: str | None = None, group: int | None = None,
-                max_read_bytes: int = MAX_READ_BYTES) -> ShardLoader:
+                max_read_bytes: int = MAX_READ_BYTES, num_classes: int | None = None) -> ShardLoader:
     """The rank's loader: an IterableDataset in a DataLoader (batch_size=None, workers polled
     round-robin, so micro-batches come out in order j = 0, 1, 2, ...). `group`: micro-batches
-    per worker item (None: auto_group)."""
+    per worker item (None: auto_group). `num_classes`: network.num_classes when labels feed the
+    network; under data.use_labels a .cls outside it (or the index's) is a bad sample."""
     if index is None or isinstance(index, str):
         index = load_index(index or cfg_data.url)
     workers = cfg_data.num_workers if num_workers is None else num_workers
@@ -449,7 +477,7 @@ def make_loader(cfg_data, index: ShardIndex | str | None = None, *, seed: int, s
                      hflip=cfg_data.hflip, on_error=cfg_data.on_error, retries=cfg_data.retries,
                      retry_backoff_s=cfg_data.retry_backoff_s, use_labels=cfg_data.use_labels,
                      decode=decode, read_ahead=read_ahead, group=group,
-                     max_read_bytes=max_read_bytes)
+                     max_read_bytes=max_read_bytes, num_classes=num_classes)
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=cfg_data.prefetch_factor,

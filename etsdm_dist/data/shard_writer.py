@@ -25,7 +25,8 @@ import tempfile
 
 from etsdm_dist.data import storage
 from etsdm_dist.data import tarformat
-from etsdm_dist.data.shard_index import INDEX_FORMAT
+from etsdm_dist.data.decode import FIT_MODES, fit_image, to_channels as _to_channels
+from etsdm_dist.data.shard_index import INDEX_FORMAT, name_problem
 
 PROGRESS = "_progress.json"
 SKIPPED = "skipped.txt"
@@ -137,19 +138,8 @@ def _process(job: tuple) -> tuple:
         return pos, "skip", f"too small: {w}x{h} < --min-size {opt['min_size']}"
     img = _to_channels(img, opt["channels"])
     n, mode = opt["resolution"], opt["mode"]
-    if n and img.size != (n, n):
-        if mode == "center-crop":
-            s = n / min(w, h)
-            rw, rh = max(n, round(w * s)), max(n, round(h * s))
-            img = img.resize((rw, rh), Image.Resampling.LANCZOS)
-            left, top = (rw - n) // 2, (rh - n) // 2
-            img = img.crop((left, top, left + n, top + n))
-        elif mode == "pad":
-            s = n / max(w, h)
-            rw, rh = max(1, round(w * s)), max(1, round(h * s))
-            canvas = Image.new(img.mode, (n, n), 0)
-            canvas.paste(img.resize((rw, rh), Image.Resampling.LANCZOS), ((n - rw) // 2, (n - rh) // 2))
-            img = canvas
+    if n and mode in FIT_MODES:  # decode.fit_image: the loader fits other tools' shards alike
+        img = fit_image(img, n, mode)
     buf = io.BytesIO()
     if opt["format"] == "png":
         img.save(buf, "PNG", compress_level=6)
@@ -157,18 +147,6 @@ def _process(job: tuple) -> tuple:
         img.save(buf, "JPEG", quality=opt["quality"])
     meta = json.dumps({"source": name, "width": w, "height": h}, sort_keys=True).encode()
     return pos, "ok", buf.getvalue(), meta, (img.size[1], img.size[0])
-
-
-def _to_channels(img, channels: int):
-    from PIL import Image
-
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Transparent pixels carry arbitrary colour: composite on white instead of exposing it.
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, rgba)
-    want = "L" if channels == 1 else "RGB"
-    return img if img.mode == want else img.convert(want)
 
 
 def _results(jobs: list, workers: int):
@@ -228,7 +206,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("dst", help="output dir or URL (s3://bucket/prefix)")
     p.add_argument("--labels", choices=["none", "folder"], default="none")
     p.add_argument("--split", help="idx files: which split (train, t10k); default train")
-    p.add_argument("--prefix", default="train", help="shard name prefix")
+    p.add_argument("--prefix", default="train",
+                   help="shard name prefix: shards are DST/PREFIX-000000.tar, ... (ASCII letters, digits, _ - .)")
     p.add_argument("--format", choices=["png", "jpg"], default="png")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
     p.add_argument("--resolution", type=int, help="output N x N")
@@ -249,6 +228,13 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--resolution needs --mode center-crop or pad")
     if a.max_samples < 1 or a.max_bytes < 0 or (a.resolution is not None and a.resolution < 1):
         p.error("--max-samples and --resolution must be positive, --max-bytes >= 0")
+    for flag, value, low, high in (("--quality", a.quality, 1, 100), ("--workers", a.workers, 1, None),
+                                   ("--min-size", a.min_size, 0, None), ("--limit", a.limit, 1, None)):
+        if value is not None and (value < low or (high is not None and value > high)):
+            p.error(f"{flag}: {value} is outside [{low}, {high if high is not None else 'inf'}]")
+    bad = name_problem(a.prefix)
+    if bad:  # the prefix becomes a file name inside DST: it must not reach outside it
+        p.error(f"--prefix: {bad}")
     return a
 
 

@@ -207,3 +207,17 @@ def sample_bytes(key: str, fields: dict[str, bytes]) -> bytes:
 def key_at(first_key: str, i: int) -> str:
     """The i-th key of a shard whose keys are consecutive zero-padded integers."""
     return str(int(first_key) + i).zfill(len(first_key))
+
+
+def parse_label(raw, num_classes: int | None, bound_name: str = "num_classes") -> int:
+    """A `.cls` member's class: ASCII digits (surrounding whitespace allowed), in
+    [0, num_classes) when num_classes is given. ValueError otherwise, saying what is wrong; Python's
+    int() alone would also take '-3', '+3' and '1_0', and an out-of-range class would reach the
+    network's class embedding as an IndexError."""
+    text = bytes(raw).strip()
+    if not text.isdigit() or not text.isascii() or len(text) > 18:
+        raise ValueError(f".cls is not a non-negative integer: {bytes(raw)[:20]!r}")
+    label = int(text)
+    if num_classes is not None and label >= num_classes:
+        raise ValueError(f".cls label {label} outside [0, {num_classes}) ({bound_name}={num_classes})")
+    return label

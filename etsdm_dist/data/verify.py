@@ -1,6 +1,8 @@
 """`etsdm verify DST`: check shards against their index.json before spending GPU hours on them.
 
-Re-downloads every shard and checks what the loader relies on: sha256, byte size, sample count,
+First index.json passes the loader's own check (shard_index.parse_index: safe shard names, sample
+sizes within bounds), so verify refuses what training would refuse, before reading any shard.
+Then it re-downloads every shard and checks what the loader relies on: sha256, byte size, sample count,
 the per-sample offsets (each range parses as one sample's contiguous members), keys unique across
 the whole set and in order, and (unless --no-decode) that every image decodes with the indexed
 resolution and channels. PNG chunk CRCs are checked even with --no-decode, so a flipped byte in
@@ -19,6 +21,7 @@ import zlib
 from etsdm_dist.data import storage
 from etsdm_dist.data import tarformat
 from etsdm_dist.data.shard_index import INDEX_FORMAT as FORMAT
+from etsdm_dist.data.shard_index import ShardIndexError, parse_index
 
 MAX_REPORTED = 50
 
@@ -49,11 +52,9 @@ def _check_sample(key: str, fields: dict, index: dict, decode: bool) -> str | No
         return f"members {sorted(fields)}, expected {sorted(want)}"
     if labelled:
         try:
-            cls = int(fields["cls"].decode())
-        except ValueError:
-            return f".cls is not an integer: {fields['cls'][:20]!r}"
-        if not 0 <= cls < index["num_classes"]:
-            return f"label {cls} outside [0, {index['num_classes']})"
+            tarformat.parse_label(fields["cls"], index["num_classes"], "index.json num_classes")
+        except ValueError as e:
+            return str(e)
     try:
         json.loads(fields["json"])
     except ValueError as e:
@@ -91,6 +92,13 @@ def verify(dst: str, *, decode: bool = True, retries: int = 8, progress: bool = 
         return [f"{index_path}: missing (not a shard set, or `etsdm shard` did not finish)"]
     if index.get("format") != FORMAT:
         return [f"{index_path}: format {index.get('format')!r}, expected {FORMAT!r}"]
+    try:  # what the loader refuses at startup (unsafe names, absurd sizes) stops here too
+        parse_index(index, dst)
+    except ShardIndexError as e:
+        return [str(e)]
+    if index.get("scan") is not None:  # other tools' tars, indexed by `etsdm index`
+        from etsdm_dist.data.scan_verify import verify_scanned
+        return verify_scanned(dst, index, decode=decode, retries=retries, progress=progress)
     shards = index["shards"]
     seen: dict[str, str] = {}  # key -> shard holding it
     fp = hashlib.sha256("".join(f"{s['name']}:{s['sha256']}\n" for s in shards).encode())

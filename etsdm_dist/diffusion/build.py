@@ -15,7 +15,9 @@ def build_model(cfg):
     time = cfg.diffusion.time
     settings = EtsdmSettings(enabled=cfg.etsdm.enabled, t_tilde=cfg.etsdm.t_tilde_for(time),
                              n=cfg.etsdm.n, time=time)
-    return ConditionedModel(UNet(cfg.network), settings)
+    # The schedule travels with the model: a v network's output becomes eps / x0 at the true t.
+    return ConditionedModel(UNet(cfg.network), settings, prediction=cfg.diffusion.prediction,
+                            schedule=build_schedule(cfg))
 
 
 def build_schedule(cfg):

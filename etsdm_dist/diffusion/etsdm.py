@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from etsdm_dist.diffusion import prediction as P
 from etsdm_dist.diffusion.settings import DEFAULT_N, TIME_KINDS, check_etsdm, default_t_tilde
 
 __all__ = ["TIME_KINDS", "CONTINUOUS_TIME_SCALE", "validate", "condition_time", "EtsdmSettings",
@@ -127,19 +128,39 @@ class EtsdmSettings:
 
 
 class ConditionedModel(torch.nn.Module):
-    """eps_hat(x, t, y) = net(x, time_scale * f(t), y) with the TRUE t as input.
+    """eps_hat(x, t, y) from net(x, time_scale * f(t), y), with the TRUE t as input.
 
     ``net(x, t_cond, y=None)`` receives float32 times of shape [B]. ``y`` is passed only when given,
-    so unconditional networks need not accept it."""
+    so unconditional networks need not accept it.
+
+    ``prediction`` (`diffusion.prediction`) is what the network outputs: "eps", or "v" (needs the
+    variance-preserving ``schedule``; see prediction.py). ``forward(..., output=)`` chooses what the
+    caller gets, so nothing outside this class has to know the network's parametrisation:
+
+    * "eps" (default): the noise prediction, converted from v at the true t.
+    * "prediction": the network's own output, in the units of its training target (the loss).
+    * "denoise": what the samplers take. An eps model gives eps (the samplers derive x0 as before,
+      bit for bit); a v model gives the pair (eps, x0) with x0 = alpha x - sigma v computed
+      directly, never through a division by alpha."""
+
+    OUTPUTS = ("eps", "prediction", "denoise")
 
     def __init__(self, net: torch.nn.Module, settings: EtsdmSettings,
-                 time_scale: Optional[float] = None) -> None:
+                 time_scale: Optional[float] = None, *, prediction: str = "eps", schedule=None) -> None:
         super().__init__()
         self.net = net
         self.settings = settings
         self.time_scale = float(settings.time_scale if time_scale is None else time_scale)
         if not self.time_scale > 0:
             raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
+        self.prediction = P.check_prediction(prediction)
+        if prediction != "eps":
+            if schedule is None:
+                raise ValueError(f"diffusion.prediction={prediction} needs the noise schedule to "
+                                 "convert the network's output to eps and x0")
+            P.check_vp(schedule, prediction)
+            settings.check_schedule(schedule)
+        self.schedule = schedule
 
     def condition(self, t: torch.Tensor, batch: int, device) -> torch.Tensor:
         """The float32 [B] time tensor the network sees."""
@@ -150,6 +171,32 @@ class ConditionedModel(torch.nn.Module):
         # Scale 1 is skipped so the discrete baseline is bit-identical to feeding t directly.
         return tc if self.time_scale == 1.0 else tc * self.time_scale
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, *,
+                output: str = "eps"):
+        if output not in self.OUTPUTS:
+            raise ValueError(f"ConditionedModel output must be one of {self.OUTPUTS}, got {output!r}")
         tc = self.condition(t, x.shape[0], x.device)
-        return self.net(x, tc) if y is None else self.net(x, tc, y)
+        raw = self.net(x, tc) if y is None else self.net(x, tc, y)
+        if self.prediction == "eps" or output == "prediction":
+            return raw
+        return self._from_v(x, raw, t, both=output == "denoise")
+
+    def _from_v(self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, *, both: bool):
+        t = torch.as_tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        a, s = P.coefficients(self.schedule, t, x)
+        v = v.to(a.dtype)
+        xf = x.to(a.dtype)
+        eps = P.eps_from_v(xf, v, a, s).to(x.dtype)
+        return (eps, P.x0_from_v(xf, v, a, s).to(x.dtype)) if both else eps
+
+    def eps_at_condition(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The eps the network represents at its time INPUT c (for the time-Lipschitz estimate of
+        the network between its trained conditions). The true time used by the v -> eps map is
+        c / time_scale, which is a trained condition's own time (a sub-interval's left end inside
+        [0, t_tilde)). An eps model returns the network's output itself."""
+        raw = self.net(x, c)
+        if self.prediction == "eps":
+            return raw
+        return self._from_v(x, raw, torch.as_tensor(c, dtype=torch.float64) / self.time_scale, both=False)

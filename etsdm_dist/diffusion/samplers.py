@@ -2,6 +2,9 @@
 
 * ``model_fn(x, t) -> eps_hat`` takes the TRUE time as a tensor [B] (float64 grid values). Wrap a
   network in :class:`~etsdm_dist.diffusion.etsdm.ConditionedModel` so E-TSDM's f(t) is applied in one place.
+  A model that predicts the data directly (a v model: x0 = alpha x - sigma v) returns the pair
+  ``(eps_hat, x0_hat)`` instead (ConditionedModel's ``output="denoise"``); wherever a sampler needs
+  x0 it then takes that x0, never (x - sigma eps) / alpha, which divides by alpha ~ 0.006 at t_max.
 * ``ts`` is a decreasing grid of steps + 1 times from :func:`time_grid`. A sampler makes ``steps``
   transitions ts[i] -> ts[i+1] and returns x at ts[-1]. Multistep samplers evaluate the model once
   per transition; singlestep DPM-Solver-k evaluates it k times per transition.
@@ -143,16 +146,35 @@ class _Coefs:
         self.lam = schedule.log_snr(ts, torch.float64).tolist()
 
 
-def _eval(model_fn, x: torch.Tensor, t: float) -> torch.Tensor:
+def _call(model_fn, x: torch.Tensor, t: float):
     tt = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
-    return model_fn(x, tt).to(x.dtype)
+    return model_fn(x, tt)
+
+
+def _eval(model_fn, x: torch.Tensor, t: float) -> torch.Tensor:
+    """eps_hat at (x, t)."""
+    out = _call(model_fn, x, t)
+    return (out[0] if isinstance(out, tuple) else out).to(x.dtype)
+
+
+def _as_pair(out, x: torch.Tensor, a, s) -> tuple:
+    """(eps, x0) from a model_fn output: its own x0 when it gives one, else (x - s eps) / a."""
+    if isinstance(out, tuple):
+        eps, x0 = out
+        return eps.to(x.dtype), x0.to(x.dtype)
+    eps = out.to(x.dtype)
+    return eps, (x - s * eps) / a
+
+
+def _denoise(model_fn, x: torch.Tensor, t: float, a: float, s: float) -> tuple:
+    """(eps_hat, x0_hat) at (x, t) with alpha_t = a, sigma_t = s."""
+    return _as_pair(_call(model_fn, x, t), x, a, s)
 
 
 def _finish(model_fn, x, t_last, c: _Coefs, denoise_to_zero: bool) -> torch.Tensor:
     if not denoise_to_zero:
         return x
-    eps = _eval(model_fn, x, t_last)
-    return (x - c.sigma[-1] * eps) / c.alpha[-1]
+    return _denoise(model_fn, x, t_last, c.alpha[-1], c.sigma[-1])[1]
 
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_val: float = 1.0) -> torch.Tensor:
@@ -171,8 +193,8 @@ def _prepare(model_fn: Callable, schedule: Schedule, ts, **x0_limits):
 def limit_x0(model_fn: Callable, schedule: Schedule, *, clip_denoised: bool = False,
              thresholding: bool = False, thresholding_ratio: float = 0.995,
              thresholding_max_val: float = 1.0) -> Callable:
-    """``model_fn`` whose eps agrees with a clipped / thresholded x0 prediction; ``model_fn`` itself
-    when both are off (no round trip, so results stay bit-identical)."""
+    """``model_fn`` giving (eps, x0) with x0 clipped / thresholded and eps the one consistent with it;
+    ``model_fn`` itself when both are off (no round trip, so results stay bit-identical)."""
     if clip_denoised and thresholding:
         raise ValueError("sample.clip_denoised and sample.thresholding are exclusive: choose one")
     if not 0.0 < thresholding_ratio <= 1.0:
@@ -183,14 +205,13 @@ def limit_x0(model_fn: Callable, schedule: Schedule, *, clip_denoised: bool = Fa
         return model_fn
 
     def limited(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps = model_fn(x, t).to(x.dtype)
         shape = (-1,) + (1,) * (x.dim() - 1)
         a = schedule.alpha(t, torch.float64).to(x.dtype).reshape(shape)
         s = schedule.sigma(t, torch.float64).to(x.dtype).reshape(shape)
-        x0 = (x - s * eps) / a
+        _, x0 = _as_pair(model_fn(x, t), x, a, s)
         x0 = x0.clamp(-1.0, 1.0) if clip_denoised else dynamic_threshold(
             x0, thresholding_ratio, thresholding_max_val)
-        return (x - a * x0) / s
+        return (x - a * x0) / s, x0
 
     return limited
 
@@ -233,8 +254,7 @@ def ddim(model_fn: Callable, x_T: torch.Tensor, schedule: Schedule, ts, *,
     x = x_T.to(_state_dtype(x_T))
     for i in range(len(ts) - 1):
         a_s, s_s, a_t, s_t = c.alpha[i], c.sigma[i], c.alpha[i + 1], c.sigma[i + 1]
-        eps = _eval(model_fn, x, float(ts[i]))
-        x0 = (x - s_s * eps) / a_s
+        eps, x0 = _denoise(model_fn, x, float(ts[i]), a_s, s_s)
         beta = -math.expm1(2.0 * (math.log(a_s) - math.log(a_t)))
         noise_sd = eta * math.sqrt(beta) * s_t / s_s
         dir_sd = math.sqrt(max(s_t ** 2 - noise_sd ** 2, 0.0))
@@ -339,8 +359,9 @@ def _exp_step_k1(variant: str, h: float) -> float:
 
 
 def _to_m(variant, model_fn, x, t: float, a: float, s: float):
-    eps = _eval(model_fn, x, t)
-    return eps if variant == "dpm_solver" else (x - s * eps) / a
+    if variant == "dpm_solver":
+        return _eval(model_fn, x, t)
+    return _denoise(model_fn, x, t, a, s)[1]
 
 
 def dpm_solver(model_fn: Callable, x_T: torch.Tensor, schedule: Schedule, ts, *,
@@ -353,8 +374,8 @@ def dpm_solver(model_fn: Callable, x_T: torch.Tensor, schedule: Schedule, ts, *,
     """DPM-Solver (Lu et al. 2022) of order 1..3.
 
     ``variant="dpm_solver"`` integrates with the noise prediction, ``"dpm_solver++"`` with the data
-    prediction x0 = (x - sigma eps) / alpha. ``method="multistep"`` (one evaluation per step):
-    step j (0-based) uses order min(order, j+1) since only j+1 evaluations exist; with
+    prediction x0 (the model's own, else (x - sigma eps) / alpha). ``method="multistep"`` (one
+    evaluation per step): step j (0-based) uses order min(order, j+1) since only j+1 evaluations exist; with
     ``lower_order_final`` and fewer than ``lower_order_final_below`` steps, the last steps also drop
     order (min(order, steps - j)), which DPM-Solver found more stable for very few steps.
     ``method="singlestep"``: every transition is one DPM-Solver-``order`` step (``order``

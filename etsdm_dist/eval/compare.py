@@ -18,6 +18,7 @@ import sys
 from etsdm_dist import dist
 from etsdm_dist.eval.measure import measure
 from etsdm_dist.eval.sampling import SAMPLER_FLAGS, ImageSampler, add_sampler_flags, load_model, sampler_settings
+from etsdm_dist.redact import redact
 
 SAMPLER_OF_FLAG = {"ddim": "ddim", "dpm": "dpm_solver++", "ddpm": "ddpm"}
 
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = {"runs": runs, "num": a.num, "seed": a.seed, "ref": {"path": a.ref, "data": ref.meta.get("data")},
                        "rows": rows}
             storage.makedirs(a.out)
-            storage.write_bytes_atomic(storage.join(a.out, "compare.json"), json.dumps(summary, indent=1).encode())
+            storage.write_bytes_atomic(storage.join(a.out, "compare.json"),
+                                       json.dumps(redact(summary), indent=1).encode())
             table = markdown(rows, labels, a.num, protocol)
             storage.write_bytes_atomic(storage.join(a.out, "compare.md"), table.encode())
             plot(rows, labels, storage.join(a.out, "fid_vs_steps.png"))

@@ -35,6 +35,7 @@ from etsdm_dist.eval.features import (DEFAULT_KID_ROWS, FeatureStats, ProtocolMi
                                       check_compatible, compare)
 from etsdm_dist.eval.inception import PROTOCOL, RESOLUTION, Inception, InceptionWeightsError
 from etsdm_dist.eval.sources import ImageSource, SourceError, open_source
+from etsdm_dist.redact import redact
 
 FORMAT = "etsdm-fid-stats/1"
 
@@ -51,7 +52,7 @@ def save_reference(path: str, stats: Statistics) -> None:
     from etsdm_dist.data import storage
 
     arrays = {"mu": np.asarray(stats.mu, np.float64), "sigma": np.asarray(stats.sigma, np.float64),
-              "meta": np.array(json.dumps({"format": FORMAT, **stats.meta}, sort_keys=True))}
+              "meta": np.array(json.dumps(redact({"format": FORMAT, **stats.meta}), sort_keys=True))}
     if stats.features is not None and len(stats.features):
         arrays["features"] = np.asarray(stats.features, np.float32)
     buf = io.BytesIO()
@@ -173,7 +174,7 @@ def report(result: dict, out: str | None, prog: str) -> None:
     """Print a result as JSON (notes to stderr) and write it to `out` (local or URL) if given."""
     for note in result.get("notes", []):
         print(f"{prog}: note: {note}", file=sys.stderr)
-    text = json.dumps(result, indent=1)
+    text = json.dumps(redact(result), indent=1)
     print(text)
     if out:
         from etsdm_dist.data import storage
@@ -201,9 +202,9 @@ def ref_main(argv: list[str] | None = None) -> int:
             created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             st = stats.statistics({"data": source.describe(), "created": created})
             save_reference(a.out, st)
-            print(json.dumps({"out": a.out, "n": st.n, "kid_rows": st.meta["kid_rows"],
+            print(json.dumps(redact({"out": a.out, "n": st.n, "kid_rows": st.meta["kid_rows"],
                               "protocol": st.meta["protocol"], "seconds": round(seconds, 1),
-                              "images_per_s": round(st.n / max(seconds, 1e-9), 2)}))
+                              "images_per_s": round(st.n / max(seconds, 1e-9), 2)})))
         dist.barrier()
         return 0
 

@@ -104,7 +104,7 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module  # ConditionedModel: eps(x, true t, y)
+    model: torch.nn.Module  # ConditionedModel: eps(x, true t, y); its `prediction` came with the weights
     schedule: Any
     sample_section: dict  # the run's `sample` section ({} for an export)
     source: dict  # what was loaded: kind, path, checkpoint, ema index, weights sha256
@@ -219,21 +219,28 @@ class ImageSampler:
         plan = [(torch.tensor([r for r, _ in v]), torch.tensor([p for _, p in v])) for v in slices.values()]
         plan = [(r.to(self.device), p.to(self.device)) for r, p in plan]
 
-        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = torch.empty_like(x)
+        def fn(x: torch.Tensor, t: torch.Tensor):
+            # The model's sampler form: eps, or (eps, x0) for a v model (see ConditionedModel).
+            outs = None
             for rows, pos in plan:
                 xs = x.new_zeros((width,) + tuple(x.shape[1:]))
                 xs[pos] = x[rows]
                 ts = t[rows[:1]].repeat(width)
                 ts[pos] = t[rows]
                 if y is None:
-                    eps = model(xs, ts)
+                    got = model(xs, ts, output="denoise")
                 else:
                     ys = y.new_zeros(width)
                     ys[pos] = y[rows]
-                    eps = model(xs, ts, ys)
-                out[rows] = eps[pos].to(x.dtype)
-            return out
+                    got = model(xs, ts, ys, output="denoise")
+                parts = got if isinstance(got, tuple) else (got,)
+                if outs is None:
+                    outs = tuple(torch.empty_like(x) for _ in parts)
+                for o, p in zip(outs, parts):
+                    o[rows] = p[pos].to(x.dtype)
+            if outs is None:
+                return torch.empty_like(x)
+            return outs if len(outs) > 1 else outs[0]
 
         return fn
 

@@ -146,7 +146,9 @@ def conditioned_parts(model) -> tuple:
         tc = model.settings.apply(torch.as_tensor(t))
         return tc if scale == 1.0 else tc * scale
 
-    return (lambda x, c: net(x, c)), cond_fn, scale
+    # eps_at_condition: the network's output itself for an eps model, its eps for a v model.
+    eps_at = getattr(model, "eps_at_condition", None)
+    return (eps_at if eps_at is not None else (lambda x, c: net(x, c))), cond_fn, scale
 
 
 @torch.no_grad()

@@ -8,9 +8,15 @@ Save order (`save`, collective): every rank stages its own files in a private lo
 them and publishes them (rename into place, or upload) -> barrier -> rank 0 writes manifest.json
 (size + sha256 of every file, world size, stage, precision, config, counters) -> COMMITTED
 (holding the manifest's sha256) -> `latest` -> retention. A crash at any point leaves either the
-previous committed checkpoint or the new one; `find_resume` never picks a partial one.
+previous committed checkpoint or the new one; `resume` never picks a partial one. On a local
+run_dir every data file is fsynced, then the directory, before manifest.json and COMMITTED, so a
+power loss cannot leave a COMMITTED checkpoint with empty files.
 
-Resume (`find_resume`, then `needs_universal` BEFORE build_engine, then `load`): the same world
+Resume (`resume`, then `needs_universal` BEFORE build_engine, then `load`): `resume` checks every
+file of the newest committed checkpoint against its manifest (size and sha256, the hashing shared
+among all ranks) and falls back to an older one only when a file is proven bad; a checkpoint that
+cannot be read (storage errors after retries) stops the resume. Retention and the save that reuses
+a name delete a committed checkpoint only when it is superseded or proven bad, and say so. The same world
 size, ZeRO stage and precision (or ZeRO-0 -> ZeRO-0 at any world size) loads DeepSpeed's files
 directly. Any other layout is converted by reshard.py: rank 0 of each host writes a canonical
 per-parameter state into a local cache (ds_to_universal for ZeRO-1/2/3 sources), and every rank
@@ -24,8 +30,10 @@ before DeepSpeed opens it: deepspeed_adapter.check_files / load_checkpoint / to_
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -36,12 +44,22 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from etsdm_dist.redact import redact
 from etsdm_dist.train import deepspeed_adapter as ds
 from etsdm_dist.train import reshard
 from etsdm_dist.data import storage
 from etsdm_dist.config import ConfigError
-from etsdm_dist.run_dir import (CHECKPOINTS, EMA_FILE, FORMAT, LATEST, MANIFEST, MARKER, ckpt_images,  # noqa: F401
-                                ckpt_name, file_sizes, find_resume, is_gone, sha256_file, verify)
+from etsdm_dist.run_dir import (CHECKPOINTS, EMA_FILE, FORMAT, LATEST, MANIFEST, MARKER,  # noqa: F401
+                                CheckpointReadError, candidates, check_committed, check_files, ckpt_images,
+                                ckpt_name, file_sizes, find_resume, is_gone, passed_over, retrying,
+                                sha256_file, verify)
+
+log = logging.getLogger(__name__)
+if not log.handlers:  # deletions and fallbacks must reach the run's output even with logging unset
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("[etsdm] %(levelname)s %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -81,6 +99,42 @@ weights_only_loads = ds.weights_only_loads
 # --------------------------------------------------------------------------- save
 
 
+def _fsync(path: str) -> None:
+    """Flush a local file's data, or a directory's entries, to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some filesystems cannot fsync a directory; a file that cannot be flushed fails the save.
+        if not (os.path.isdir(path) and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _clear_target(final: str) -> str | None:
+    """Make way for a new checkpoint at `final` (rank 0). A dir already there is a save that never
+    committed, or a committed checkpoint this run passed over at resume: it is deleted only if
+    proven bad. Returns why the save cannot go on, or None."""
+    try:
+        if not retrying(lambda: storage.exists(final), final):
+            return None
+        if retrying(lambda: storage.exists(storage.join(final, MARKER)), final):
+            manifest, reason = verify(final, sha256=True)
+            if manifest is not None:
+                return (f"checkpoint {final} is committed and intact, but this run did not resume from "
+                        f"it: refusing to overwrite it (is another run writing to this run_dir? To "
+                        f"rewind on purpose, move it away first)")
+            log.warning("deleting checkpoint %s: proven bad (%s); this run resumed from an older one "
+                        "and is writing it again", final, reason)
+        else:
+            log.info("deleting %s: a save that never committed (crash leftover)", final)
+        _rmtree(final)
+    except CheckpointReadError as e:
+        return f"cannot make way for checkpoint {final}: {e}"
+    return None
+
+
 def _rmtree(path: str) -> None:
     """Delete a checkpoint dir; the marker goes first so a half-deleted one is never 'committed'."""
     marker = storage.join(path, MARKER)
@@ -104,12 +158,20 @@ def save(engine, ema, cfg, *, images: int, stats: Any = None,
     final = storage.join(run_dir, CHECKPOINTS, name)
     remote = storage.is_remote(run_dir)
 
-    # A dir with this name is a leftover: a crashed save, or a timeline abandoned by a resume.
+    problem = None
     if rank == 0:
-        _rmtree(final)
-        storage.makedirs(final)
-    ema_state = ema.state_dict()  # collective: before any rank-0-only work
-    _barrier()
+        try:  # a failure here must reach the other ranks, not leave them in the gather below
+            problem = _clear_target(final)
+            if problem is None:
+                storage.makedirs(final)
+                if not remote:
+                    _fsync(os.path.dirname(final.rstrip("/")))
+        except Exception as e:  # noqa: BLE001 - raised on every rank below
+            problem = f"cannot create checkpoint {final}: {type(e).__name__}: {e}"
+    ema_state = ema.state_dict()  # collective
+    problem = _gather(problem)[0]  # also the barrier: the dir exists before any rank writes
+    if problem is not None:
+        raise RuntimeError(problem)
 
     stage_parent = (tempfile.mkdtemp(prefix=f"stage-{name}-r{rank}-", dir=cache_root(cache_dir))
                     if remote else os.path.join(final, f".stage-rank{rank}"))
@@ -131,7 +193,10 @@ def save(engine, ema, cfg, *, images: int, stats: Any = None,
             if remote:
                 storage.upload_file(src, storage.join(final, fname))
             else:
+                _fsync(src)  # data on disk before the manifest vouches for it
                 os.replace(src, os.path.join(final, fname))
+        if not remote:
+            _fsync(final)  # and the renames
     finally:
         shutil.rmtree(stage_parent, ignore_errors=True)
 
@@ -152,7 +217,7 @@ def save(engine, ema, cfg, *, images: int, stats: Any = None,
             "world_size": world,
             "zero_stage": cfg.train.zero_stage,
             "precision": cfg.train.precision,
-            "config": cfg.to_dict(),
+            "config": redact(cfg.to_dict()),  # readers take network/diffusion/etsdm/sample only
             "stats": stats,
             "files": all_files,
             "versions": {"torch": torch.__version__, "deepspeed": ds.check_version()},
@@ -163,8 +228,11 @@ def save(engine, ema, cfg, *, images: int, stats: Any = None,
         storage.write_json_atomic(storage.join(final, MARKER),
                                   {"manifest_sha256": hashlib.sha256(data).hexdigest()})
         storage.write_json_atomic(storage.join(run_dir, LATEST), {"checkpoint": name, "images": int(images)})
-        apply_retention(run_dir, int(images), cfg.train.keep_last, cfg.train.milestone_every,
-                        round(cfg.train.checkpoint_kimg * 1000))
+        try:
+            apply_retention(run_dir, int(images), cfg.train.keep_last, cfg.train.milestone_every,
+                            round(cfg.train.checkpoint_kimg * 1000))
+        except Exception as e:  # noqa: BLE001 - the checkpoint is committed; the next save retries
+            log.warning("retention after %s skipped: %s: %s", name, type(e).__name__, e)
     _barrier()
     return final
 
@@ -184,25 +252,123 @@ def retained(images: list[int], keep_last: int, milestone_every: int, checkpoint
 
 def apply_retention(run_dir: str, newest: int, keep_last: int, milestone_every: int,
                     checkpoint_images: int) -> list[str]:
-    """Delete checkpoints outside `retained`; run after `newest` is committed. Partial dirs older
-    than it are crash leftovers, and any dir newer than it belongs to a timeline a resume
-    abandoned: both go too. Returns the deleted names."""
+    """Delete what the just-committed `newest` makes redundant (rank 0), each with a log line
+    saying why: committed checkpoints outside `retained` (superseded), dirs never committed (crash
+    leftovers), and committed checkpoints newer than `newest` (a timeline a resume abandoned) only
+    when verified bad in full. A newer one that is intact or unreadable is kept, with a warning.
+    Returns the deleted names."""
     root = storage.join(run_dir, CHECKPOINTS)
-    committed, victims = [], []
-    for name in storage.listdir(root):
+    committed, victims = [], {}
+    for name in retrying(lambda: storage.listdir(root), root):
         n = ckpt_images(name)
         if n is None:
             continue
         path = storage.join(root, name)
-        if storage.exists(storage.join(path, MARKER)):
-            (victims.append(name) if n > newest else committed.append(n))
-        elif n != newest and not is_gone(path):
-            victims.append(name)
+        try:
+            if retrying(lambda: storage.exists(storage.join(path, MARKER)), path):
+                if n <= newest:
+                    committed.append(n)
+                    continue
+                manifest, reason = verify(path, sha256=True)
+                if manifest is not None:
+                    log.warning("keeping checkpoint %s: committed and intact, yet newer than %s which "
+                                "this run just committed (another run in this run_dir?); a resume "
+                                "would pick it", path, ckpt_name(newest))
+                    continue
+                victims[name] = f"proven bad ({reason}), on a timeline this run abandoned at resume"
+            elif n != newest and not retrying(lambda: is_gone(path), path):
+                victims[name] = "never committed (a save that crashed)"
+        except CheckpointReadError as e:
+            log.warning("keeping %s for now: could not tell whether it is committed and intact (%s)", path, e)
     keep = retained(committed, keep_last, milestone_every, checkpoint_images) | {newest}
-    victims += [ckpt_name(n) for n in committed if n not in keep]
+    for n in committed:
+        if n not in keep:
+            victims[ckpt_name(n)] = (f"superseded by {ckpt_name(newest)} (train.keep_last={keep_last}, "
+                                     f"train.milestone_every={milestone_every})")
     for name in sorted(victims):
+        level = logging.WARNING if victims[name].startswith("proven bad") else logging.INFO
+        log.log(level, "deleting checkpoint %s: %s", storage.join(root, name), victims[name])
         _rmtree(storage.join(root, name))
     return sorted(victims)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def assign_files(sizes: dict[str, int], world: int) -> list[list[str]]:
+    """Which rank hashes which files: largest first, each to the least loaded rank (ties: lowest
+    rank), so every file is read once and the slowest rank's share is small. Deterministic."""
+    shares: list[list[str]] = [[] for _ in range(world)]
+    load = [0] * world
+    for fname in sorted(sizes, key=lambda f: (-sizes[f], f)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        shares[r].append(fname)
+        load[r] += sizes[fname]
+    return shares
+
+
+def _outcome(fn) -> tuple[str, Any]:
+    try:
+        return "ok", fn()
+    except CheckpointReadError as e:
+        return "unreadable", str(e)
+    except Exception as e:  # noqa: BLE001 - carried to every rank, raised there
+        return "error", f"{type(e).__name__}: {e}"
+
+
+def _raise(status: str, message: str):
+    raise (CheckpointReadError if status == "unreadable" else RuntimeError)(message)
+
+
+def _agreed(fn) -> Any:
+    """fn() run on rank 0; its result, or its failure raised, on every rank (collective)."""
+    status, value = _gather(_outcome(fn) if _rank_world()[0] == 0 else None)[0]
+    if status != "ok":
+        _raise(status, value)
+    return value
+
+
+def resume(run_dir: str) -> tuple[tuple[str, dict] | None, list[tuple[str, str]]]:
+    """Collective: ((path, manifest) of the newest committed checkpoint whose every file matches
+    its manifest in size and sha256, or None; the (path, reason) of each newer dir passed over).
+    Every rank gets the same answer. Rank 0 reads the listing and the manifests; the files are
+    hashed once each, shared among all ranks. A proven-bad checkpoint is passed over with a WARNING
+    naming it and the file; one that cannot be read (transient errors persisting after retries, or
+    any other read error) raises CheckpointReadError on every rank instead of rolling back."""
+    rank, world = _rank_world()
+    root = storage.join(run_dir, CHECKPOINTS)
+    names, latest = _agreed(lambda: candidates(run_dir))
+    ignored: list[tuple[str, str]] = []
+    found = None
+    for name in names:
+        path = storage.join(root, name)
+        manifest, reason = _agreed(lambda: check_committed(path))
+        if manifest is not None:
+            t0 = time.perf_counter()
+            sizes = {f: int(m["size"]) for f, m in manifest["files"].items()}
+            mine = assign_files(sizes, world)[rank]
+            verdicts = _gather(_outcome(lambda: check_files(path, manifest, mine)))
+            bad = [value for status, value in verdicts if status == "ok" and value]
+            if not bad:  # a proven-bad file outweighs a read failure elsewhere, nothing else does
+                for status, value in verdicts:
+                    if status != "ok":
+                        _raise(status, value)
+                found = (path, manifest)
+                if rank == 0:
+                    log.info("verified %s: %d files, %.1f MB, sha256 in %.1fs on %d rank(s)", path,
+                             len(sizes), sum(sizes.values()) / 1e6, time.perf_counter() - t0, world)
+                break
+            reason = f"corrupt: {bad[0]}"
+        message = _agreed(lambda: passed_over(path, reason, latest))
+        if message is not None:
+            ignored.append((path, message))
+            if rank == 0:
+                log.warning("ignoring checkpoint %s: %s", path, message)
+    if latest and latest not in names:
+        ignored.append((storage.join(root, latest), "`latest` points at a checkpoint that does not exist"))
+        if rank == 0:
+            log.warning("ignoring %s: %s", *ignored[-1])
+    return found, ignored
 
 
 # --------------------------------------------------------------------------- load

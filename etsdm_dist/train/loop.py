@@ -14,12 +14,14 @@ report, sample grid, checkpoint, close. `training_loop` is the loop over them.
 
 Collectives: every rank makes these calls at the same image counter, in this order, or the ranks
 hang until DEEPSPEED_TIMEOUT (minutes):
-  Trainer.start     process group, barrier after the run dir, checkpoint.load, DeepSpeed init
+  Trainer.start     process group, the run dir's lease (rank 0 takes it, one all-gather tells
+                    every rank), barrier after the run dir, checkpoint.load, DeepSpeed init
   Trainer.step      gradient reduction + one all-reduce of the stop / NaN / data-failure flags
   Trainer.report    one all-reduce of the loss sums, one of the data counters
   Trainer.sample_grid  the EMA gather (ema.full_state), then a barrier while rank 0 draws
   Trainer.save      checkpoint.save (gathers and barriers)
   Trainer.close     a final barrier
+  Trainer.lease_lost  one all-reduce before every step that writes (report, sample, FID, checkpoint)
 The loop's decisions (stop, report, sample, save) depend only on the step's all-reduced result and
 the image counter, so every rank takes the same branch.
 
@@ -34,7 +36,6 @@ f(trainer, result) on every rank after every step, before the loop acts on the r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -45,10 +46,14 @@ import torch
 
 from etsdm_dist import config as config_mod
 from etsdm_dist import dist
+from etsdm_dist.redact import redact_text, redacted_yaml
 from etsdm_dist.diffusion.build import build_model, build_schedule
+from etsdm_dist.train import lease as lease_mod
+from etsdm_dist.train.dry_run import dry_run
 from etsdm_dist.train.step import StepResult, TrainStep, invalid_micro_batch, make_engine
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_DATA = 0, 2, 3, 4
+EXIT_LEASE = 5  # train.run_dir is leased by another run, or this run lost its lease (lease.py)
 
 StepCallback = Callable[["Trainer", StepResult], None]
 
@@ -115,48 +120,6 @@ def _progress_bar(main: bool, total: int, initial: int):
     return tqdm(total=total, initial=initial, unit="img", unit_scale=True, dynamic_ncols=True)
 
 
-# --------------------------------------------------------------------------- dry run
-
-
-def describe_layout(cfg, launch: dist.Launch, world_size: int) -> str:
-    from etsdm_dist.data import order
-
-    micro, accum = config_mod.batch_layout(cfg.train.batch_images, world_size, cfg.train.micro_batch_images)
-    lines = [f"launcher: {launch.launcher}  world_size: {world_size}  this process: rank {launch.rank} "
-             f"(local {launch.local_rank}/{launch.local_world_size}, node {launch.node_rank})  "
-             f"master: {launch.master_addr or '(broadcast over MPI)'}:{launch.master_port or '(auto)'}",
-             f"global batch: {cfg.train.batch_images} images = {world_size} ranks x {accum} accumulation "
-             f"steps x {micro} images per micro-batch",
-             "global batch 0, positions per rank and micro-step:"]
-
-    def row(r: int) -> str:
-        parts = [order.rank_micro_batch_positions(0, j, cfg.train.batch_images, world_size, r, micro)
-                 for j in range(accum)]
-        return f"  rank {r:>4}: {' '.join(f'[{p.start},{p.stop})' for p in parts)}"
-
-    shown = range(world_size) if world_size <= 9 else range(8)
-    lines += [row(r) for r in shown]
-    if world_size > 9:
-        lines += [f"  ... ({world_size - 9} more)", row(world_size - 1)]
-    t = cfg.train
-    lines.append(f"intervals (images): report {t.report_kimg * 1000:g}, checkpoint {t.checkpoint_kimg * 1000:g}, "
-                 f"sample {t.sample_kimg * 1000:g}, total {t.total_kimg * 1000:g}")
-    return "\n".join(lines)
-
-
-def dry_run(cfg, launch: dist.Launch, world_size: int | None) -> int:
-    from etsdm_dist.train import engine as engine_mod
-
-    world = world_size or launch.world_size
-    print("# resolved config")
-    print(cfg.to_yaml())
-    print(f"# DeepSpeed config (world_size={world})")
-    print(json.dumps(engine_mod.deepspeed_config(cfg, world), indent=2))
-    print("# rank layout")
-    print(describe_layout(cfg, launch, world))
-    return EXIT_OK
-
-
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -168,12 +131,14 @@ class Trainer:
     """One rank's run: TrainStep plus the run's I/O. See the module docstring for which methods
     are collective (all of them but `due` and `log`)."""
 
-    def __init__(self, cfg, *, launch, device, model, schedule, engine, ema, loader, train_step: TrainStep):
+    def __init__(self, cfg, *, launch, device, model, schedule, engine, ema, loader, train_step: TrainStep,
+                 lease: lease_mod.Lease | None = None):
         from etsdm_dist.train import stats
 
         self.cfg, self.launch, self.device = cfg, launch, device
         self.model, self.schedule, self.engine, self.ema = model, schedule, engine, ema
         self.loader, self.train_step = loader, train_step
+        self.lease = lease  # rank 0's; None on the others
         self.rank, self.world, self.main = dist.rank(), dist.world_size(), dist.is_main()
         t = cfg.train
         self.total_images = _kimg_images(t.total_kimg)
@@ -211,7 +176,7 @@ class Trainer:
 
     def log(self, msg: str) -> None:
         if self.main:
-            print(f"[etsdm] {msg}", flush=True)
+            print(f"[etsdm] {redact_text(msg)}", flush=True)
 
     # ---------------------------------------------------------------- start
 
@@ -233,19 +198,21 @@ class Trainer:
 
         def log(msg: str) -> None:
             if main:
-                print(f"[etsdm] {msg}", flush=True)
+                print(f"[etsdm] {redact_text(msg)}", flush=True)
 
         log(f"rank layout\n{dist.rank_table(launch, device)}")
         log(f"global batch {t.batch_images} = {world} ranks x {accum} accumulation x {micro} micro-batch")
 
+        # The run directory's lease, before anything is written there (collective).
+        held = lease_mod.acquire_on_rank0(t.run_dir, lease_s=t.lease_s, log=log)
+
         # Run directory and resume lookup (the newest committed checkpoint wins).
         if main:
             storage.makedirs(t.run_dir)
-            storage.write_bytes_atomic(storage.join(t.run_dir, "config.yaml"), cfg.to_yaml().encode())
+            storage.write_bytes_atomic(storage.join(t.run_dir, "config.yaml"), redacted_yaml(cfg.to_dict()).encode())
         dist.barrier()
-        found, ignored = checkpoint.find_resume(t.run_dir)
-        for path, reason in ignored:
-            log(f"ignoring checkpoint {path}: {reason}")
+        # Every file checked against its manifest; each checkpoint passed over is logged there.
+        found, _ = checkpoint.resume(t.run_dir)
         resume_path, manifest = found if found is not None else (None, None)
         log(f"resuming from {resume_path} (kimg {manifest['images'] / 1000:.3f}, written by "
             f"{manifest['world_size']} ranks)" if found is not None else
@@ -284,10 +251,11 @@ class Trainer:
                 f"{cfg.data.url}) and a class-conditional network (network.num_classes="
                 f"{model.net.config.num_classes})")
         loader = make_loader(cfg.data, index, seed=t.seed, start_position=images, batch_images=t.batch_images,
-                             world_size=world, rank=rank, micro_batch_images=micro)
+                             world_size=world, rank=rank, micro_batch_images=micro,
+                             num_classes=model.net.config.num_classes)
         step = TrainStep(cfg, engine, ema, schedule, device=device, images=images)
         return cls(cfg, launch=launch, device=device, model=model, schedule=schedule, engine=engine,
-                   ema=ema, loader=loader, train_step=step)
+                   ema=ema, loader=loader, train_step=step, lease=held)
 
     # ---------------------------------------------------------------- per step
 
@@ -398,6 +366,15 @@ class Trainer:
                 pass
         self.log(f"checkpoint ({reason}) at kimg {self.images / 1000:.3f} in {time.perf_counter() - t0:.1f}s")
 
+    def lease_lost(self) -> bool:
+        """Whether rank 0 lost the run directory's lease: another run took it over, or it could not be
+        renewed in time (collective: one all-reduce). Then nothing more may be written."""
+        return lease_mod.lost_on_rank0(self.lease, self.device, self.log)
+
+    def release_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -412,11 +389,19 @@ class Trainer:
 def training_loop(cfg, local_rank_arg: int | None = None, *, callbacks: Sequence[StepCallback] = ()) -> int:
     """Train until train.total_kimg; returns the exit code (the same on every rank)."""
     preempt = _Preemption()  # before anything slow: a signal during start-up still counts
-    trainer = Trainer.start(cfg, local_rank_arg)
+    try:
+        trainer = Trainer.start(cfg, local_rank_arg)
+    except lease_mod.LeaseError as e:  # held by another run, or the storage refused
+        if dist.is_main():
+            print(f"etsdm train: {e}", file=sys.stderr, flush=True)
+        return EXIT_LEASE
     trainer.log(f"training from {trainer.kimg} to {trainer.total_images / 1000:.3f}")
     code = _train(trainer, preempt, callbacks)
+    if code == EXIT_LEASE:
+        return code  # close() would upload stats.jsonl into a run directory that is not ours now
     # Not in a `finally`: after an exception the other ranks are not at this barrier.
     trainer.close()
+    trainer.release_lease()  # after close's barrier: every rank has written everything
     return code
 
 
@@ -442,6 +427,11 @@ def _train(trainer: Trainer, preempt: _Preemption, callbacks: Sequence[StepCallb
                         f"failing rank printed the shard and key above). Fix or re-shard the data (or "
                         f"set data.on_error=skip / raise data.skip_budget), then rerun to resume")
             return EXIT_DATA
+
+        # Nothing is written into a run directory whose lease another run has taken over.
+        writes = result.stop_ranks or any(trainer.due(k) for k in ("report", "sample", "fid", "checkpoint"))
+        if writes and trainer.lease_lost():
+            return EXIT_LEASE
 
         # Report status, draw samples, save state.
         if trainer.due("report"):

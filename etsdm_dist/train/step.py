@@ -1,16 +1,19 @@
 """One training step: the unit that the training loop, `etsdm bench train` and the in-process tests
 share, so that what is benchmarked and tested is what trains.
 
-A step is one global batch. On every rank: `accum` micro-batches of forward (the eps loss at the
-true t, the network conditioned on E-TSDM's shared t), backward and DeepSpeed's optimizer step at the
+A step is one global batch. On every rank: `accum` micro-batches of forward (the eps or v loss at
+the true t, the network conditioned on E-TSDM's shared t), backward and DeepSpeed's optimizer step at the
 accumulation boundary; then the EMA, only if that optimizer step was applied (fp16 overflow skips
 it); then ONE all-reduce of [stop requested, non-finite loss, data failure, loss sum, sample count],
 so every rank sees the same StepResult and takes the same decision after the same step.
 
-Randomness comes from positions (DESIGN.md): a micro-batch's noise and timesteps from a generator
-seeded by (run seed, its first global position), dropout from (run seed, image counter, rank). So
-the losses do not depend on the ZeRO stage, the rank count or a resume, and no RNG state needs
-saving.
+Randomness comes from positions (DESIGN.md): each sample's timestep and noise from its own
+generator seeded by (run seed, its global position), the stratified-t permutation from (run seed,
+the global batch's first position), dropout from (run seed, the micro-batch's first position). So
+with dropout 0 the fp32 trajectory does not depend on the ZeRO stage, the rank count, the
+micro-batch / accumulation split or a resume (up to the summation order of the gradient over a
+different split: bit-identical when the micro-batch is unchanged); with dropout > 0 it is exact
+only for an unchanged micro-batch, whose masks depend on its shape. No RNG state needs saving.
 
 Collective: every rank must call `TrainStep.__call__` for every step (DeepSpeed's gradient
 reduction inside backward/step, then the flag all-reduce). Nothing else here communicates.
@@ -25,8 +28,7 @@ import torch
 from etsdm_dist import config as config_mod
 from etsdm_dist import dist
 from etsdm_dist.data.decode import to_model_input
-from etsdm_dist.seeds import seed63
-from etsdm_dist.diffusion.loss import bucket_losses, diffusion_loss
+from etsdm_dist.diffusion.loss import bucket_losses, diffusion_loss, dropout_seed, per_sample_draws
 from etsdm_dist.train import engine as engine_mod
 from etsdm_dist.train.stats import LossAccumulator
 
@@ -40,13 +42,14 @@ def param_dtype(precision: str) -> torch.dtype:
 
 class EngineModel:
     """model(x_t, t, y) for diffusion_loss: casts inputs to the engine's parameter dtype and runs
-    the DeepSpeed engine's forward (required under ZeRO-3, whose hooks gather parameters)."""
+    the DeepSpeed engine's forward (required under ZeRO-3, whose hooks gather parameters). It
+    returns the network's own output (eps or v, `prediction`): what the loss compares."""
 
-    def __init__(self, engine, settings, dtype: torch.dtype):
-        self.engine, self.settings, self.dtype = engine, settings, dtype
+    def __init__(self, engine, settings, dtype: torch.dtype, prediction: str = "eps"):
+        self.engine, self.settings, self.dtype, self.prediction = engine, settings, dtype, prediction
 
-    def __call__(self, x, t, y=None):
-        return self.engine(x.to(self.dtype), t, y)
+    def __call__(self, x, t, y=None, output: str = "prediction"):
+        return self.engine(x.to(self.dtype), t, y, output=output)
 
 
 def make_engine(cfg, model, world_size: int, *, load_universal: bool = False):
@@ -113,7 +116,8 @@ class TrainStep:
         self.micro_batch_images, self.accum = config_mod.batch_layout(
             self.batch_images, self.world, cfg.train.micro_batch_images)
         self.images = int(images)
-        self.model = EngineModel(engine, engine.module.settings, param_dtype(cfg.train.precision))
+        self.model = EngineModel(engine, engine.module.settings, param_dtype(cfg.train.precision),
+                                 engine.module.prediction)
         self.losses = LossAccumulator(LOSS_BUCKETS, device)
         self.t_tilde = config_mod.etsdm_t_tilde(cfg)
 
@@ -122,7 +126,6 @@ class TrainStep:
         cfg, device, seed = self.cfg, self.device, self.cfg.train.seed
         target = self.images + self.batch_images
         engine_mod.set_lr(self.engine, engine_mod.lr_at(cfg, target))
-        torch.manual_seed(seed63(seed, self.images, self.rank))  # dropout: reproducible on resume
         # Device-side sums (a Python bool or float here would sync host and GPU every micro-step):
         # [valid-sample loss sum, valid count, non-finite count]
         sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -134,9 +137,13 @@ class TrainStep:
             valid = batch["valid"].to(device)
             # Invalid (skipped) samples carry label -1; they are masked out, any class will do.
             y = batch["labels"].to(device).clamp(min=0) if cfg.data.use_labels else None
-            gen = torch.Generator(device=device).manual_seed(seed63(seed, int(batch["positions"][0])))
-            per_sample, t = diffusion_loss(self.model, x0, self.schedule, y=y, generator=gen,
-                                           stratified=cfg.diffusion.stratified_t)
+            positions = batch["positions"]
+            torch.manual_seed(dropout_seed(seed, int(positions[0])))  # reproducible on resume
+            draws = per_sample_draws(positions, x0.shape[1:], self.schedule, seed=seed,
+                                     batch_start=self.images, batch_images=self.batch_images,
+                                     stratified=cfg.diffusion.stratified_t, device=device,
+                                     dtype=x0.dtype)
+            per_sample, t = diffusion_loss(self.model, x0, self.schedule, y=y, draws=draws)
             # Skipped (invalid) samples contribute neither loss nor gradient.
             vf = valid.to(per_sample.dtype)
             loss = (per_sample * vf).sum() / vf.sum().clamp(min=1.0)
