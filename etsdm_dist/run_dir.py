@@ -243,6 +243,28 @@ def read_ema(ckpt_path: str, manifest: dict) -> dict:
         return torch.load(local, map_location="cpu", weights_only=True)
 
 
+def newest_ema(run: str, ema_index: int | None = None) -> tuple[dict, dict, dict]:
+    """(EMA state incl. buffers, the run's config dict, info) of a run's newest committed checkpoint;
+    `ema_index` defaults to the run's `sample.ema`. ValueError without a checkpoint or for an index
+    out of range."""
+    found, _ = find_resume(run)
+    if found is None:
+        raise ValueError(f"{run}: no committed checkpoint")
+    ckpt_path, manifest = found
+    run_cfg = manifest["config"]
+    ema = read_ema(ckpt_path, manifest)
+    decays = ema["decays"]
+    index = int(run_cfg.get("sample", {}).get("ema", 0) if ema_index is None else ema_index)
+    if not 0 <= index < len(decays):
+        name = "sample.ema" if ema_index is None else "--ema-index"
+        raise ValueError(f"{name} {index} out of range: {run} has EMA decays {decays}")
+    state = dict(ema["ema"][index])
+    state.update(ema.get("buffers", {}))
+    info = {"checkpoint": ckpt_path, "images": manifest.get("images"), "ema_index": index,
+            "ema_decay": decays[index]}
+    return state, run_cfg, info
+
+
 def load_exported(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, config) from an exported file, local or remote; never unpickles objects."""
     data = storage.read_bytes(path)

@@ -25,3 +25,15 @@ def build_schedule(cfg):
 
     d = cfg.diffusion
     return make_schedule(d.schedule, d.time, d.num_timesteps, d.beta_start, d.beta_end, d.cosine_s)
+
+
+def model_with_weights(cfg, state: dict):
+    """build_model(cfg) holding `state` (the wrapper's keys, `net.*`, or the bare network's), in eval
+    mode without gradients; ValueError when the weights do not fit the config."""
+    model = build_model(cfg)
+    target = model if any(k.startswith("net.") for k in state) else model.net
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the stored network config "
+                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    return model.eval().requires_grad_(False)

@@ -141,20 +141,11 @@ def load_model(source: str, *, ema_index: int | None = None, device="cpu") -> Lo
     from etsdm_dist.diffusion import build
 
     if _is_run_dir(source):
-        found, _ = run_dir.find_resume(source)
-        if found is None:
-            raise SampleError(f"{source}: no committed checkpoint to sample from")
-        ckpt_path, manifest = found
-        run_cfg = manifest["config"]
-        ema = run_dir.read_ema(ckpt_path, manifest)
-        decays = ema["decays"]
-        index = int(run_cfg.get("sample", {}).get("ema", 0) if ema_index is None else ema_index)
-        if not 0 <= index < len(decays):
-            raise SampleError(f"--ema-index {index} out of range: {source} has EMA decays {decays}")
-        state = dict(ema["ema"][index])
-        state.update(ema.get("buffers", {}))
-        info = {"kind": "run", "path": source, "checkpoint": ckpt_path, "images": manifest.get("images"),
-                "ema_index": index, "ema_decay": decays[index]}
+        try:
+            state, run_cfg, info = run_dir.newest_ema(source, ema_index)
+        except ValueError as e:
+            raise SampleError(str(e)) from e
+        info = {"kind": "run", "path": source, **info}
     else:
         if not storage.exists(source):
             raise SampleError(f"SOURCE {source}: neither a run directory (no checkpoints/) nor a file")
@@ -169,14 +160,12 @@ def load_model(source: str, *, ema_index: int | None = None, device="cpu") -> Lo
         cfg = config.from_dict({k: run_cfg[k] for k in ("network", "diffusion", "etsdm") if k in run_cfg})
     except config.ConfigError as e:
         raise SampleError(f"{source}: the stored model config is not valid here: {e}") from e
-    model = build.build_model(cfg)
-    target = model if any(k.startswith("net.") for k in state) else model.net
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise SampleError(f"{source}: weights do not fit the stored network config "
-                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    try:
+        model = build.model_with_weights(cfg, state)
+    except ValueError as e:
+        raise SampleError(f"{source}: {e}") from e
     info["weights_sha256"] = weights_sha256(model.state_dict())
-    model = model.to(device).eval().requires_grad_(False)
+    model = model.to(device)
     return LoadedModel(model, build.build_schedule(cfg), dict(run_cfg.get("sample") or {}), info)
 
 

@@ -27,23 +27,12 @@ def load_ema(run: str):
     (the run's `sample.ema` index)."""
     from etsdm_dist.diffusion import build
 
-    found, _ = run_dir.find_resume(run)
-    if found is None:
-        raise ValueError(f"{run}: no committed checkpoint")
-    ckpt, manifest = found
-    run_cfg = manifest["config"]
-    ema = run_dir.read_ema(ckpt, manifest)
-    index = int(run_cfg.get("sample", {}).get("ema", 0))
-    state = dict(ema["ema"][index])
-    state.update(ema.get("buffers", {}))
+    state, run_cfg, info = run_dir.newest_ema(run)
     cfg = config.from_dict({k: run_cfg[k] for k in ("network", "diffusion", "etsdm") if k in run_cfg})
-    model = build.build_model(cfg)
-    target = model if any(k.startswith("net.") for k in state) else model.net
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{ckpt}: EMA weights do not fit the stored network config "
-                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    return model.eval().requires_grad_(False), build.build_schedule(cfg)
+    try:
+        return build.model_with_weights(cfg, state), build.build_schedule(cfg)
+    except ValueError as e:
+        raise ValueError(f"{info['checkpoint']}: EMA {e}") from e
 
 
 def held_out(url: str, num: int) -> torch.Tensor:
