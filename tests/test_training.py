@@ -220,3 +220,13 @@ def test_bad_config_exits_2_naming_the_field():
     r = _train(H.CI_CONFIG, "data.url=x",
                env={"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"})
     assert r.returncode == 2 and "does not divide over 3 ranks" in r.stderr, r.stderr
+
+
+def test_shards_of_another_size_than_the_network_exit_2(base, data):
+    """32x32x1 shards under a 64x64 network: refused at start naming both shapes, not a shape
+    error from inside the UNet mid-step."""
+    r = _train(H.CI_CONFIG, f"data.url={data}", f"train.run_dir={base / 'run-wrong-size'}",
+               "network.resolution=64",
+               env={"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(H.free_port())})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "network.resolution" in r.stderr and "1x32x32" in r.stderr and "1x64x64" in r.stderr, r.stderr[-2000:]

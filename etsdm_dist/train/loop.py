@@ -250,6 +250,14 @@ class Trainer:
                 f"data.use_labels: needs labelled shards (index num_classes={index.num_classes} at "
                 f"{cfg.data.url}) and a class-conditional network (network.num_classes="
                 f"{model.net.config.num_classes})")
+        net = model.net.config
+        if index.resolution and (tuple(index.resolution) != (net.resolution, net.resolution)
+                                 or index.channels != net.in_channels):
+            raise config_mod.ConfigError(
+                f"network.resolution / network.in_channels ({net.in_channels}x{net.resolution}x{net.resolution}) "
+                f"do not match the images at data.url {cfg.data.url} ({index.channels}x"
+                f"{'x'.join(map(str, index.resolution))}, from its index.json; `etsdm index --resolution` "
+                f"/ `etsdm shard --resolution` set it)")
         loader = make_loader(cfg.data, index, seed=t.seed, start_position=images, batch_images=t.batch_images,
                              world_size=world, rank=rank, micro_batch_images=micro,
                              num_classes=model.net.config.num_classes)
@@ -487,7 +495,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if engine_mod.on_cpu():
         engine_mod.keep_freed_host_memory()
-    code = training_loop(cfg, local_rank)
+    try:
+        code = training_loop(cfg, local_rank)
+    except config_mod.ConfigError as e:  # found at start against the data (shapes, labels)
+        print(f"etsdm train: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     # The process is about to exit with everything saved. A launcher that sees the first rank exit
     # may SIGTERM the others while they are still shutting down, when our handler is gone: they
     # would die with 143 and the requeue code would be lost (seen under srun
