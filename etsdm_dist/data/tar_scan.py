@@ -158,13 +158,6 @@ class _Window:
         return self.buf[pos - self.lo:pos - self.lo + n]
 
 
-def _number(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    return int(text, 8) if text else 0
-
-
 def _extension(typ: bytes, data: bytes) -> dict:
     """A pax ('x') or GNU long-name ('L') member's data -> overrides {'path': .., 'size': ..}."""
     if typ == b"L":
@@ -196,7 +189,8 @@ def walk(get, size: int):
         if hdr == _ZERO:
             return members, None, None  # end-of-archive
         try:
-            stored, length = _number(hdr[148:156]), _number(hdr[124:136])
+            stored = tarformat.octal_field(hdr[148:156], "checksum", "")
+            length = tarformat.octal_field(hdr[124:136], "size", "")
         except ValueError:
             stored, length = -1, 0
         if stored != tarformat.header_checksum(hdr):
@@ -223,10 +217,6 @@ def walk(get, size: int):
             ext, ext_lo = {}, None
         pos = hi
     return members, None, None  # no end-of-archive blocks: tolerated (no member is lost)
-
-
-def scan_members(read: _Window, size: int):
-    return walk(read.get, size)
 
 
 @dataclass
@@ -321,7 +311,7 @@ def scan_tar(url: str, *, window: int = DEFAULT_WINDOW, retries: int = 8) -> dic
     name = url.rstrip("/").rsplit("/", 1)[-1]
     size = storage.size(url)
     read = _Window(url, size, window, retries)
-    members, tar_problem, broken = scan_members(read, size)
+    members, tar_problem, broken = walk(read.get, size)
     samples, problems = group_samples(members)
     if tar_problem:
         # The sample being read when the tar broke off may have lost members: left out, unless

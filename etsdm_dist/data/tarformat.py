@@ -52,7 +52,9 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext
 
 
-def _octal(field: bytes, what: str, where: str) -> int:
+def octal_field(field: bytes, what: str, where: str) -> int:
+    """A numeric header field (octal text, or GNU base-256 for huge sizes); TarFormatError naming
+    `what` and `where` when it is neither."""
     if field[:1] and field[0] & 0x80:  # GNU base-256 for huge sizes
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip(b" ")
@@ -99,7 +101,7 @@ def _scan(buf, key: str | None, where: str) -> tuple[memoryview, list[tuple[str,
             raise TarFormatError(f"{_label(where, out, key)}: truncated tar header at byte {pos} "
                                  f"({n - pos} bytes left)", key)
         actual = header_checksum(hdr)
-        try:  # _octal's common case inline; messages (labels) are built only on errors
+        try:  # octal_field's common case inline; messages (labels) are built only on errors
             stored = int(hdr[148:156].split(b"\0", 1)[0].strip(b" ") or b"0", 8)
         except ValueError:
             stored = -1
@@ -108,7 +110,7 @@ def _scan(buf, key: str | None, where: str) -> tuple[memoryview, list[tuple[str,
             if hdr == _ZERO_BLOCK:
                 raise TarFormatError(f"{label}: end-of-archive block at byte {pos} inside the "
                                      f"sample", key)
-            stored = _octal(hdr[148:156], "checksum", label)  # raises on a corrupt field
+            stored = octal_field(hdr[148:156], "checksum", label)  # raises on a corrupt field
             if stored != actual:
                 raise TarFormatError(f"{label}: corrupt tar header at byte {pos} (checksum "
                                      f"{stored} != {actual})", key)
@@ -121,12 +123,12 @@ def _scan(buf, key: str | None, where: str) -> tuple[memoryview, list[tuple[str,
             raise TarFormatError(f"{_label(where, None, mkey)}: member {name!r} is not a regular "
                                  f"file (type {hdr[156:157]!r})", mkey)
         if hdr[124] & 0x80:
-            size = _octal(hdr[124:136], "size", "")  # base-256: cannot fail
+            size = octal_field(hdr[124:136], "size", "")  # base-256: cannot fail
         else:
             try:
                 size = int(hdr[124:136].split(b"\0", 1)[0].strip(b" ") or b"0", 8)
             except ValueError:
-                size = _octal(hdr[124:136], "size", _label(where, None, _member_key(name)))
+                size = octal_field(hdr[124:136], "size", _label(where, None, _member_key(name)))
         start = pos + BLOCK
         if start + size > n:
             mkey = _member_key(name)
